@@ -1,0 +1,30 @@
+"""The package's promises about imports and layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from testkit import REPO_ROOT
+
+
+def test_import_glmtune_and_operator_pull_in_no_torch() -> None:
+    code = (
+        "import sys, glmtune, glmtune.cli, glmtune.errors\n"
+        "try:\n    import glmtune_operator\nexcept ModuleNotFoundError:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_stdlib_operator_is_not_shadowed_from_repo_root() -> None:
+    code = "import collections, operator; assert hasattr(operator, 'itemgetter'), operator.__file__"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_cli_help_lists_only_real_commands() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "glmtune.cli", "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "usage: glmtune" in out

@@ -1,0 +1,23 @@
+"""Helpers shared by every test area (import as `testkit`): repo paths and the ../shared reference folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_dir() -> Path:
+    """The ../shared folder (reference vectors, real tokenizers, real data); GLMTUNE_SHARED overrides it."""
+    return Path(os.environ.get("GLMTUNE_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+def require_shared(*parts: str) -> Path:
+    """Path inside ../shared, or skip the test with the reason when a user's clone lacks it."""
+    path = shared_dir().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference data {path} is absent (set GLMTUNE_SHARED to the shared folder)")
+    return path
