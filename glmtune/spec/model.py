@@ -1,0 +1,87 @@
+"""`spec.model`: which base model to start from, in which dtype, optionally quantized or created at random."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from glmtune.spec.base import SpecFieldError, SpecModel, StorageUri
+
+Family = Literal["v1", "v2", "v3"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class QuantizationSpec(SpecModel):
+    """Load the base weights quantized; only the tuned parameters stay in full precision."""
+
+    bits: Literal[4, 8] = Field(description="Weight bits of the quantized base model: 4 or 8.")
+    backend: Literal["glmtune", "bitsandbytes"] = Field(
+        "glmtune",
+        description=(
+            "`glmtune`: ChatGLM's weight-only int8/int4 (the chatglm-6b-int4 format, runs on CPU and GPU); "
+            "`bitsandbytes`: Linear8bitLt / 4-bit NF4 layers (QLoRA; only with lora or adalora)."
+        ),
+    )
+
+
+class CreateSpec(SpecModel):
+    """Create a random model and tokenizer from scratch instead of loading one (demos and tests)."""
+
+    size: Literal["tiny", "small"] = Field(
+        "tiny", description="Size of the random model: `tiny` (a few layers, seconds on a CPU) or `small`."
+    )
+    seed: int = Field(0, ge=0, description="Random seed for the weights, so a created model is reproducible.")
+
+
+class ModelSpec(SpecModel):
+    """The base model: a checkpoint to load (`uri`) or a random one to create (`create`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.uri) != has(self.create)", "message": "set exactly one of uri or create"},
+                {"rule": "!has(self.create) || has(self.family)", "message": "create needs family"},
+            ]
+        }
+    )
+
+    uri: StorageUri | None = Field(
+        None,
+        description=(
+            "Checkpoint to fine-tune: a local directory, `s3://bucket/prefix` or `pvc://claim/path` holding "
+            "config.json, the weights and the tokenizer files (original ChatGLM layout or a glmtune export)."
+        ),
+    )
+    family: Family | None = Field(
+        None,
+        description=(
+            "Model family: `v1` (ChatGLM-6B), `v2` (ChatGLM2-6B), `v3` (ChatGLM3-6B). Detected from "
+            "config.json when absent; required with `create`."
+        ),
+    )
+    dtype: Dtype | None = Field(
+        None,
+        description=(
+            "Data type of the loaded base weights. Default: follows `training.precision` "
+            "(fp32 → float32, fp16 → float16, bf16 → bfloat16)."
+        ),
+    )
+    quantization: QuantizationSpec | None = Field(
+        None, description="Quantize the base weights at load time (absent: no quantization)."
+    )
+    create: CreateSpec | None = Field(
+        None, description="Create a random model and tokenizer instead of loading `uri` (needs `family`)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.uri is None and self.create is None:
+            raise SpecFieldError(
+                ("uri",), "set model.uri (a checkpoint to load) or model.create (a random model)"
+            )
+        if self.uri is not None and self.create is not None:
+            raise SpecFieldError(("create",), "model.uri and model.create are exclusive: keep one of them")
+        if self.create is not None and self.family is None:
+            raise SpecFieldError(("family",), "model.create needs model.family (v1, v2 or v3)")
+        return self

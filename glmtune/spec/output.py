@@ -1,0 +1,27 @@
+"""`spec.output`: where the fine-tuned model is exported and in which form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from glmtune.spec.base import SpecModel, StorageUri
+
+
+class OutputSpec(SpecModel):
+    """The export written at the end of a run (layout: the export contract, glmtune-export.json)."""
+
+    uri: StorageUri = Field(
+        description="Where the exported model goes: a local directory, `s3://bucket/prefix` or `pvc://claim/path`."
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged",
+        description=(
+            "`merged`: a full model with the tuning folded in (loadable without glmtune); `adapter`: only the "
+            "tuned parameters (LoRA adapter or ptv2 prefix) applied over `model.uri`."
+        ),
+    )
+    bits: Literal[4, 8] | None = Field(
+        None, description="Re-quantize a merged export to int8 or int4 weight-only (absent: keep the dtype)."
+    )
