@@ -1,0 +1,356 @@
+"""Storage URIs shared by every component: local paths and `s3://bucket/prefix`, with checksummed folders.
+
+A folder travels as files plus `glmtune-manifest.json` (sha256 and size per file), written and uploaded
+LAST, so a reader never mistakes a partial copy for a complete one. Torch-free; boto3 is imported lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError, InvalidInputError
+
+MANIFEST_NAME = "glmtune-manifest.json"
+_COMPLETE_MARKER = ".glmtune-fetched.json"
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_SHA_META = "sha256"
+_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under an S3 prefix, as listed."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    version_id: str | None
+    last_modified: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3_uri(uri: str | os.PathLike) -> bool:
+    """True for `s3://...` strings (local paths and PathLike objects are never S3)."""
+    return isinstance(uri, str) and uri.startswith("s3://")
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key/prefix` into (bucket, key); the key may be empty (whole bucket)."""
+    if not is_s3_uri(uri):
+        raise InvalidInputError("not an s3:// URI", where=str(uri))
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise InvalidInputError(
+            f"invalid bucket name {bucket!r} (3-63 lowercase letters, digits, '.', '-')", where=uri
+        )
+    if any(part in ("..", ".") for part in key.split("/")):
+        raise InvalidInputError("'.' and '..' are not allowed in an S3 key", where=uri)
+    return bucket, key
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client: endpoint from AWS_ENDPOINT_URL (MinIO, moto, ...), credentials the standard AWS way."""
+    import boto3
+    from botocore.config import Config
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        region_name=region,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+    )
+
+
+def _client_error(exc: Exception, uri: str) -> GlmtuneError:
+    """Turn a botocore failure into one line naming the URI."""
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    if code in ("NoSuchBucket", "NoSuchKey", "404", "AccessDenied", "403", "InvalidAccessKeyId"):
+        return InvalidInputError(f"S3 refused the request ({code})", where=uri)
+    return GlmtuneError(f"{uri}: S3 request failed: {exc}")
+
+
+def _in_prefix(key: str, prefix: str) -> bool:
+    """Folder semantics: `s3://b/data` covers `data` and `data/...`, never `data2/...`."""
+    return not prefix or key == prefix or key.startswith(prefix.rstrip("/") + "/")
+
+
+def list_objects(uri: str) -> list[ObjectInfo]:
+    """Every object at or under `uri` (folder semantics), sorted by key; folder markers are left out."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse_s3_uri(uri)
+    client = s3_client()
+    found: list[ObjectInfo] = []
+    try:
+        try:
+            pages = client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                for item in page.get("Versions", []):
+                    if item.get("IsLatest"):
+                        found.append(_object_info(bucket, item, item.get("VersionId")))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("AccessDenied", "NotImplemented"):
+                raise
+            found = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                found.extend(_object_info(bucket, item, None) for item in page.get("Contents", []))
+    except (ClientError, BotoCoreError) as exc:
+        raise _client_error(exc, uri) from None
+    objects = [o for o in found if _in_prefix(o.key, prefix) and not o.key.endswith("/")]
+    return sorted(objects, key=lambda o: o.key)
+
+
+def _object_info(bucket: str, item: dict, version_id: str | None) -> ObjectInfo:
+    modified = item.get("LastModified")
+    return ObjectInfo(
+        bucket=bucket,
+        key=item["Key"],
+        size=int(item.get("Size", 0)),
+        etag=str(item.get("ETag", "")).strip('"'),
+        version_id=None if version_id in (None, "null") else version_id,
+        last_modified=modified.isoformat() if hasattr(modified, "isoformat") else str(modified),
+    )
+
+
+def _relative_key(key: str, prefix: str) -> str:
+    """Path of `key` below `prefix`; a URI naming a single object maps to its base name."""
+    if key == prefix:
+        return key.rsplit("/", 1)[-1]
+    rel = key[len(prefix.rstrip("/")) + 1 :] if prefix else key
+    if not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise InvalidInputError("object key cannot be mapped to a safe local path", where=f"s3://…/{key}")
+    return rel
+
+
+def download_prefix(uri: str, local_dir: str | os.PathLike) -> Path:
+    """Copy every object under `uri` into `local_dir` (keys relative to the prefix); returns `local_dir`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse_s3_uri(uri)
+    objects = list_objects(uri)
+    if not objects:
+        raise InvalidInputError("no objects under this S3 prefix", where=uri)
+    target = Path(local_dir)
+    client = s3_client()
+    for obj in objects:
+        dest = target / _relative_key(obj.key, prefix)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        try:
+            client.download_file(bucket, obj.key, str(tmp), Config=_transfer_config())
+        except (ClientError, BotoCoreError) as exc:
+            raise _client_error(exc, obj.uri) from None
+        os.replace(tmp, dest)
+    return target
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=_MULTIPART_THRESHOLD, multipart_chunksize=_MULTIPART_THRESHOLD)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` under a temporary name in the same folder, then rename: readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`atomic_write_bytes` of pretty-printed JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n").encode())
+
+
+def _folder_files(local_dir: Path) -> list[Path]:
+    """Regular files under `local_dir` except the manifest and fetch markers, sorted."""
+    skip = {MANIFEST_NAME, _COMPLETE_MARKER}
+    return sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name not in skip)
+
+
+def write_manifest(local_dir: str | os.PathLike) -> dict:
+    """Checksum every file of `local_dir` into `glmtune-manifest.json` (atomically) and return it."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise InvalidInputError("not a directory", where=str(root))
+    files = {
+        p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
+        for p in _folder_files(root)
+    }
+    manifest = {
+        "format": "glmtune-manifest/v1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
+    atomic_write_json(root / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(local_dir: str | os.PathLike) -> dict:
+    """The folder's manifest, or InvalidInputError when it is missing or unreadable."""
+    path = Path(local_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(
+            f"no {MANIFEST_NAME}: the copy is incomplete or was never finished", where=str(local_dir)
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"unreadable manifest: {exc}", where=str(path)) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise InvalidInputError("manifest has no 'files' table", where=str(path))
+    return manifest
+
+
+def verify_manifest(local_dir: str | os.PathLike, display: str | None = None) -> dict:
+    """Check every file listed in the manifest (size, then sha256); raise naming the first bad file.
+
+    `display` replaces the local folder in messages (e.g. the `s3://` URI the folder was fetched from).
+    """
+    root = Path(local_dir)
+    label = (display or str(root)).rstrip("/")
+    manifest = read_manifest(root)
+    for rel, entry in sorted(manifest["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            raise InvalidInputError("file listed in the manifest is missing", where=f"{label}/{rel}")
+        if path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256"):
+            raise InvalidInputError(
+                "checksum mismatch against the manifest (corrupt or tampered)", where=f"{label}/{rel}"
+            )
+    return manifest
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> dict:
+    """Upload a folder under `uri`, manifest LAST; a retry skips objects already there with the same sha256.
+
+    Returns ``{"uri", "manifest", "uploaded": [...], "skipped": [...]}``.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    root = Path(local_dir)
+    bucket, prefix = parse_s3_uri(uri)
+    base = prefix.rstrip("/")
+    manifest = write_manifest(root)
+    client = s3_client()
+
+    def key_of(rel: str) -> str:
+        return f"{base}/{rel}" if base else rel
+
+    uploaded, skipped = [], []
+    try:
+        # A stale manifest would mark the prefix complete while its files are being replaced.
+        client.delete_object(Bucket=bucket, Key=key_of(MANIFEST_NAME))
+        remote = {o.key: o for o in list_objects(uri)}
+        for rel, entry in sorted(manifest["files"].items()):
+            key = key_of(rel)
+            if key in remote and remote[key].size == entry["size"]:
+                head = client.head_object(Bucket=bucket, Key=key)
+                if head.get("Metadata", {}).get(_SHA_META) == entry["sha256"]:
+                    skipped.append(rel)
+                    continue
+            client.upload_file(
+                str(root / rel),
+                bucket,
+                key,
+                Config=_transfer_config(),
+                ExtraArgs={"Metadata": {_SHA_META: entry["sha256"]}},
+            )
+            uploaded.append(rel)
+        client.upload_file(str(root / MANIFEST_NAME), bucket, key_of(MANIFEST_NAME))
+    except (ClientError, BotoCoreError) as exc:
+        raise _client_error(exc, uri) from None
+    return {"uri": uri, "manifest": manifest, "uploaded": uploaded, "skipped": skipped}
+
+
+def default_cache_dir() -> Path:
+    """Where downloads are kept: $GLMTUNE_CACHE, else ~/.cache/glmtune."""
+    return Path(os.environ.get("GLMTUNE_CACHE") or Path.home() / ".cache" / "glmtune")
+
+
+def _listing_fingerprint(objects: list[ObjectInfo]) -> str:
+    text = "\n".join(f"{o.key}\t{o.size}\t{o.etag}\t{o.version_id}" for o in objects)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fetch(
+    uri_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, require_manifest: bool = False
+) -> Path:
+    """A local path for a location: local paths pass through; `s3://` is downloaded once into the cache.
+
+    Downloads are verified against `glmtune-manifest.json` when present; with `require_manifest` its absence
+    is an error (an unfinished upload). A changed remote listing triggers a fresh download.
+    """
+    if not is_s3_uri(uri_or_path):
+        path = Path(uri_or_path)
+        if not path.exists():
+            raise InvalidInputError("no such file or directory", where=str(path))
+        if require_manifest:
+            verify_manifest(path)
+        return path
+    uri = str(uri_or_path)
+    bucket, prefix = parse_s3_uri(uri)
+    objects = list_objects(uri)
+    if not objects:
+        raise InvalidInputError("no objects under this S3 prefix", where=uri)
+    single = len(objects) == 1 and objects[0].key == prefix
+    if single and require_manifest:
+        raise InvalidInputError("names a single object; a manifest describes a prefix (folder)", where=uri)
+    has_manifest = any(_relative_key(o.key, prefix) == MANIFEST_NAME for o in objects if not single)
+    if require_manifest and not has_manifest:
+        raise InvalidInputError(
+            f"no {MANIFEST_NAME}: the upload is incomplete or was never finished", where=uri
+        )
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "s3"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{bucket}_{prefix}")[-80:]
+    target = cache_root / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{slug}"
+    fingerprint = _listing_fingerprint(objects)
+    marker = target / _COMPLETE_MARKER
+    if marker.is_file() and json.loads(marker.read_text()).get("listing") == fingerprint:
+        return target / _relative_key(objects[0].key, prefix) if single else target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_root))
+    try:
+        download_prefix(uri, staging)
+        if has_manifest:
+            verify_manifest(staging, display=uri)
+        atomic_write_json(staging / _COMPLETE_MARKER, {"uri": uri, "listing": fingerprint})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / _relative_key(objects[0].key, prefix) if single else target
