@@ -8,6 +8,9 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from glmtune.spec.base import SpecFieldError, SpecModel, StorageUri, check_storage_uri
 
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+"""File and S3 object names read as data under a directory or prefix (the trainer reads, the operator watches)."""
+
 DataFormat = Literal["auto", "seed", "alpaca", "chat"]
 Template = Literal["auto", "v1", "v2", "v3"]
 Strategy = Literal["truncation", "singlesliding", "doublesliding", "packing"]

@@ -67,3 +67,13 @@ class GLMFineTuneStatus(SpecModel):
     observed_generation: int | None = Field(
         None, ge=0, description="metadata.generation of the spec the operator last acted on."
     )
+    training_fingerprint: str | None = Field(
+        None, description="Hash of the training fields the current run was started from (a change starts a new run)."
+    )
+    export_uri: str | None = Field(None, description="Where the current run exports (`<output.uri>/run-N`).")
+    candidate_uri: str | None = Field(None, description="Export being rolled out, until its pods are Ready.")
+    candidate_manifest_sha256: str | None = Field(
+        None, description="sha256 of the candidate export's glmtune-manifest.json."
+    )
+    rollout_started: datetime | None = Field(None, description="When the current rollout began (health gate).")
+    data_listed_at: datetime | None = Field(None, description="When `dataVersions` was listed.")

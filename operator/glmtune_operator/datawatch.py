@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
-"""The object names the trainer reads under an S3 prefix."""
+from glmtune.spec.data import DATA_SUFFIXES
 
 
 @dataclass

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from glmtune import storage
 from glmtune.errors import InvalidInputError
-
-DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+from glmtune.spec.data import DATA_SUFFIXES
 
 
 @dataclass(frozen=True)
