@@ -1,0 +1,197 @@
+"""Batched decoding over per-request KV caches: each request is prefilled alone, then joins one
+left-padded batch cache that advances every running request by one token per forward.
+
+Prefilling alone means a prompt is computed exactly as without batching; in the decode batch a request's
+padding columns are masked out, so greedy answers are token-identical to unbatched ones. The p-tuning v2
+prefix of a prefix model stays in the first `prefix_len` cache columns (the model treats columns its 2-D
+mask does not cover as visible prefix), so padding is inserted after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_token, make_rng
+
+
+@dataclass
+class Sequence:
+    """One request's decoding state: prompt, answer ids so far, and the text already released."""
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    decoder: TextDeltaDecoder
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    deadline: float | None = None
+    anchor: tuple[int, int] | None = None  # v1: (position, block position) of the last prompt token
+
+    def __post_init__(self) -> None:
+        self.budget = self.params.new_token_budget(len(self.prompt_ids))
+        self.stop_ids = frozenset(self.params.stop_token_ids)
+        self.rng = make_rng(self.params.seed)
+        if self.budget == 0:
+            self.finish_reason = "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+    def seen_ids(self) -> torch.Tensor:
+        """Prompt and answer ids (for the repetition penalty); empty when no penalty applies."""
+        if self.params.repetition_penalty == 1.0:
+            return torch.empty(0, dtype=torch.long)
+        return torch.tensor(self.prompt_ids + self.generated, dtype=torch.long)
+
+    def accept(self, token: int) -> str:
+        """Take the next sampled token; returns the newly released text and sets `finish_reason` when done."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.decoder.finish(self.generated)
+        self.generated.append(token)
+        delta = self.decoder.push(self.generated)
+        if self.decoder.stopped:
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.budget:
+            self.finish_reason = "length"
+            delta += self.decoder.finish(self.generated)
+        return delta
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+class DecodeBatch:
+    """The running requests of one model and their shared, left-padded KV cache."""
+
+    def __init__(self, model: torch.nn.Module, prefix_len: int = 0, family: str = "v2") -> None:
+        self.model = model
+        self.prefix_len = prefix_len
+        # ChatGLM-6B derives 2D positions from a prompt's [gMASK]/<sop>; decode steps must be told theirs.
+        self.glm_positions = family == "v1"
+        self.sequences: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [b, columns after the prefix], 1 = real token
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> str:
+        """Run the prompt alone, choose the first token, and let the request join the batch if it goes on."""
+        if seq.finished:
+            return ""
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
+        if self.glm_positions:
+            seq.anchor = tuple(_glm_positions(self.model.config, ids)[0, :, -1].tolist())
+        out = self.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
+            use_cache=True, logits_to_keep=1,
+        )
+        delta = seq.accept(choose_token(out.logits[0, -1], seq.params, seq.seen_ids(), seq.rng))
+        if not seq.finished:
+            self._join(seq, out.past_key_values, torch.ones_like(ids))
+        return delta
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Sequence, str]]:
+        """One forward for every running request; returns (request, released text) pairs."""
+        if not self.sequences:
+            return []
+        ids = torch.tensor([[seq.generated[-1]] for seq in self.sequences], dtype=torch.long)
+        mask = torch.cat((self._mask, torch.ones_like(ids)), dim=1)
+        positions = None
+        if self.glm_positions:  # each new token keeps the [gMASK] position; its block position counts on
+            positions = torch.tensor([[[s.anchor[0]], [s.anchor[1] + len(s.generated)]] for s in self.sequences])
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        self._cache, self._mask = out.past_key_values, mask
+        logits = out.logits[:, -1].float()
+        return [
+            (seq, seq.accept(choose_token(logits[i], seq.params, seq.seen_ids(), seq.rng)))
+            for i, seq in enumerate(self.sequences)
+        ]
+
+    def remove_finished(self, now: float | None = None) -> list[Sequence]:
+        """Drop finished, cancelled and expired requests (marking the latter two) and shrink the cache."""
+        now = time.monotonic() if now is None else now
+        for seq in self.sequences:
+            if not seq.finished and seq.cancelled:
+                seq.finish_reason = "cancelled"
+            elif not seq.finished and seq.expired(now):
+                seq.finish_reason = "timeout"
+        keep = [i for i, seq in enumerate(self.sequences) if not seq.finished]
+        gone = [seq for seq in self.sequences if seq.finished]
+        if not gone:
+            return []
+        self.sequences = [self.sequences[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return gone
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = self._mask[index]
+        # Columns that are padding for every remaining request are dead weight: cut them.
+        first_real = int(mask.any(dim=0).long().argmax())
+        self._mask = mask[:, first_real:]
+        self._cache = DynamicCache(
+            ddp_cache_data=[(self._select(k, index, first_real), self._select(v, index, first_real))
+                            for k, v in _layers(self._cache)]
+        )
+        return gone
+
+    def _select(self, tensor: torch.Tensor, index: torch.Tensor, cut: int) -> torch.Tensor:
+        rows = tensor[index]
+        p = self.prefix_len
+        if cut == 0:
+            return rows
+        return torch.cat((rows[:, :, :p], rows[:, :, p + cut :]), dim=2)
+
+    def _join(self, seq: Sequence, cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self._cache is None:
+            self.sequences, self._cache, self._mask = [seq], cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        layers = [
+            (torch.cat((self._pad(k0, width), self._pad(k1, width))), torch.cat((self._pad(v0, width),
+                                                                              self._pad(v1, width))))
+            for (k0, v0), (k1, v1) in zip(_layers(self._cache), _layers(cache), strict=True)
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = torch.cat((_pad_left(self._mask, width), _pad_left(mask, width)))
+        self.sequences.append(seq)
+
+    def _pad(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
+        """Insert zero columns after the prefix so the token part of the cache is `width` wide."""
+        p = self.prefix_len
+        missing = width - (tensor.shape[2] - p)
+        if missing == 0:
+            return tensor
+        zeros = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
+        return torch.cat((tensor[:, :, :p], zeros, tensor[:, :, p:]), dim=2)
+
+
+def _glm_positions(config, ids: torch.Tensor) -> torch.Tensor:
+    from glmtune.modeling.chatglm6b_masks import glm_position_ids
+
+    return glm_position_ids(ids, None, bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
+                            gmask_token_id=config.gmask_token_id)
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat((mask.new_zeros(mask.shape[0], missing), mask), dim=1)
+
+
+def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]

@@ -1,0 +1,151 @@
+"""`glmtune chat MODEL_URI` (interactive terminal chat) and `glmtune serve MODEL_URI` (the HTTP server).
+
+Registration stays torch-free; the handlers import the heavy modules when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from glmtune.errors import InvalidInputError
+
+API_KEY_ENV = "GLMTUNE_API_KEY"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `chat` and `serve` commands."""
+    chat = subparsers.add_parser("chat", help="chat with a model in the terminal (streaming, with history)",
+                                 description="Interactive chat: type a message; 'clear' forgets the history, "
+                                             "'exit' or Ctrl-D quits.")
+    chat.add_argument("model", metavar="MODEL_URI", help="model folder or s3:// prefix (any export kind)")
+    chat.add_argument("--adapter", metavar="URI", help="adapter or prefix export to apply over MODEL_URI")
+    chat.add_argument("--system", help="system text put before the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--temperature", type=float, default=0.95)
+    chat.add_argument("--top-p", type=float, default=0.7)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--repetition-penalty", type=float, default=1.0)
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    _add_load_options(chat)
+    chat.set_defaults(func=run_chat)
+
+    serve = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
+                                  description=f"Serve MODEL_URI (and adapters) over HTTP. The API key, if any, "
+                                              f"is read from ${API_KEY_ENV}.")
+    serve.add_argument("model", metavar="MODEL_URI", help="model folder or s3:// prefix (any export kind)")
+    serve.add_argument("--adapter", metavar="NAME=URI", action="append", default=[],
+                       help="serve an adapter/prefix export over the model as model name NAME (repeatable)")
+    serve.add_argument("--model-name", help="name clients use for MODEL_URI (default: the run's spec name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together per step")
+    serve.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
+    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048)
+    serve.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
+    serve.add_argument("--default-max-tokens", type=int, default=512)
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish streams on shutdown")
+    serve.add_argument("--log-prompts", action="store_true", help="include prompts and answers in access logs")
+    _add_load_options(serve)
+    serve.set_defaults(func=run_serve)
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only quantize at load")
+    parser.add_argument("--cache-dir", help="where s3:// models are downloaded (default $GLMTUNE_CACHE)")
+
+
+def _load_options(args: argparse.Namespace):
+    from glmtune_inference.loading import LoadOptions
+
+    return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """`NAME=URI` pairs as a dict; a malformed or repeated NAME is an input error."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, uri = spec.partition("=")
+        if not sep or not name or not uri:
+            raise InvalidInputError("expected NAME=URI", where=f"--adapter {spec}")
+        if name in adapters:
+            raise InvalidInputError(f"adapter name {name!r} given twice", where=f"--adapter {spec}")
+        adapters[name] = uri
+    return adapters
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """Read a line, stream the answer, keep the history; 'clear' resets it, 'exit'/EOF quits."""
+    from glmtune_inference.chat import ChatModel
+
+    model = ChatModel.load(args.model, args.adapter, _load_options(args))
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "do_sample": not args.greedy}
+    model.served.params(**params)  # reject bad values before the first prompt
+    history: list[tuple[str, str]] = []
+    print(f"glmtune chat: {args.model} ('clear' forgets the history, 'exit' or Ctrl-D quits)", file=sys.stderr)
+    while True:
+        try:
+            query = input("\n用户: ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if query in ("exit", "quit", "stop"):
+            return 0
+        if query == "clear":
+            history = []
+            continue
+        if not query:
+            continue
+        print("\nChatGLM: ", end="", flush=True)
+        answer = []
+        for delta in model.stream_chat(query, history, args.system, **params):
+            answer.append(delta)
+            print(delta, end="", flush=True)
+        print(flush=True)
+        history.append((query, "".join(answer)))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the models, start the engine and run uvicorn until SIGINT/SIGTERM (in-flight streams drain)."""
+    import uvicorn
+
+    from glmtune_inference.loading import load_served_models
+    from glmtune_inference.scheduler import Engine
+    from glmtune_inference.server import ServerSettings, create_app
+
+    for flag, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size),
+                        ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-tokens", args.max_tokens),
+                        ("--default-max-tokens", args.default_max_tokens)):
+        if value < 1:
+            raise InvalidInputError(f"must be at least 1, got {value}", where=flag)
+    served = load_served_models(args.model, parse_adapters(args.adapter), args.model_name, _load_options(args))
+    engine = Engine(served, max_batch=args.max_batch, queue_size=args.queue_size)
+    settings = ServerSettings(
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
+        default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
+        api_key=os.environ.get(API_KEY_ENV) or None, log_prompts=args.log_prompts,
+        drain_timeout_s=args.drain_timeout)
+    configure_access_log()
+    listing = ", ".join(f"{name} ({model.source})" for name, model in served.items())
+    print(f"glmtune serve: {listing} on http://{args.host}:{args.port}", file=sys.stderr)
+    config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, access_log=False,
+                            timeout_graceful_shutdown=int(args.drain_timeout) or None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def configure_access_log() -> None:
+    """JSON access lines go to stderr as they are (one object per line)."""
+    logger = logging.getLogger("glmtune.access")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

@@ -1,0 +1,183 @@
+"""Per-request decoding rules: generation parameters, logits processing, token choice and stop handling.
+
+Everything here works on one request's logits row so the batching engine can give every request its own
+parameters; the same functions serve `chat()` and the server, which is what keeps their outputs equal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from glmtune.errors import InvalidInputError
+
+# The original ChatGLM replaced broken scores by "all zero, token 5 very likely" so generation went on.
+_INVALID_SCORE_TOKEN = 5
+_INVALID_SCORE_VALUE = 5e4
+# Below this temperature sampling is greedy in float32 anyway (and dividing by it would overflow).
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to generate one answer; defaults are the original ChatGLM `chat()` defaults."""
+
+    max_new_tokens: int | None = None
+    max_length: int = 2048
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool = True
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1, "must be at least 1"),
+            ("max_length", self.max_length >= 1, "must be at least 1"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "must be >= 0"),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            (
+                "repetition_penalty",
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                "must be > 0",
+            ),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
+        )
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidInputError(f"{message}, got {getattr(self, name)!r}", where=name)
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: sampling off, or temperature 0 (the OpenAI convention) or next to it."""
+        return not self.do_sample or self.temperature < _MIN_TEMPERATURE
+
+    def new_token_budget(self, prompt_len: int) -> int:
+        """Tokens this request may still generate given max_length (total) and max_new_tokens."""
+        budget = self.max_length - prompt_len
+        if self.max_new_tokens is not None:
+            budget = min(budget, self.max_new_tokens)
+        return max(budget, 0)
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The original's NaN/Inf guard: a row with any non-finite score becomes zeros with token 5 at 5e4."""
+    bad = ~torch.isfinite(logits).all(dim=-1)
+    if bool(bad.any()):
+        logits = logits.clone()
+        logits[bad] = 0.0
+        logits[bad, _INVALID_SCORE_TOKEN] = _INVALID_SCORE_VALUE
+    return logits
+
+
+def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty over every token already in the prompt or the answer (as transformers does)."""
+    if penalty == 1.0 or seen_ids.numel() == 0:
+        return scores
+    picked = scores.gather(-1, seen_ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(-1, seen_ids, picked)
+
+
+def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Keep the top_k best tokens, then the smallest set whose probability reaches top_p (others -inf)."""
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p; the best token always stays.
+        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # even when top_p rounds to 0 in float32
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    return scores
+
+
+def choose_token(
+    logits: torch.Tensor, params: GenerationParams, seen_ids: torch.Tensor, rng: torch.Generator | None
+) -> int:
+    """The next token for one request from its fp32 logits row [vocab]."""
+    scores = sanitize_logits(logits.float().unsqueeze(0))
+    scores = apply_repetition_penalty(scores, seen_ids.unsqueeze(0), params.repetition_penalty)
+    if params.greedy:
+        return int(scores.argmax(-1))
+    # Shift the best score to 0 before dividing, so a tiny temperature cannot overflow to inf/NaN.
+    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature
+    probs = filter_top_k_top_p(scaled, params.top_k, params.top_p).softmax(-1)[0]
+    # Inverse-CDF draw: exact, and ~25x faster than torch.multinomial over a 130k vocabulary on CPU.
+    cdf = probs.cumsum(-1)
+    draw = torch.rand(1, generator=rng) * cdf[-1]
+    return int(torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.numel() - 1))
+
+
+def make_rng(seed: int | None) -> torch.Generator | None:
+    """A private generator for a seeded request, so its samples do not depend on other requests."""
+    if seed is None:
+        return None
+    rng = torch.Generator()
+    rng.manual_seed(seed)
+    return rng
+
+
+class TextDeltaDecoder:
+    """Turns a growing list of answer ids into text deltas, holding back what a stop string or an
+    incomplete UTF-8 byte sequence may still change; `stopped` turns true once a stop string appeared."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._emitted = ""
+        self._final: str | None = None
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The final answer once `finish` ran, else the text released so far."""
+        return self._emitted if self._final is None else self._final
+
+    def push(self, ids: list[int]) -> str:
+        """Decode all answer ids so far and return the new text that can no longer change."""
+        full = self._cut_at_stop(self._tokenizer.decode(ids, skip_special_tokens=True))
+        if self.stopped:
+            return self._advance(full)
+        safe = full[: len(full) - _partial_stop_suffix(full, self._stop)]
+        return self._advance(safe.rstrip("\ufffd"))
+
+    def finish(self, ids: list[int]) -> str:
+        """Flush whatever was held back once no more tokens will come (`text` becomes the full answer, even
+        in the rare case where decoding more tokens changed text already streamed)."""
+        self._final = self._cut_at_stop(self._tokenizer.decode(ids, skip_special_tokens=True))
+        return self._advance(self._final)
+
+    def _cut_at_stop(self, text: str) -> str:
+        hits = [at for at in (text.find(stop) for stop in self._stop) if at != -1]
+        if hits:
+            self.stopped = True
+            return text[: min(hits)]
+        return text
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self._emitted) or not text.startswith(self._emitted):
+            return ""
+        delta = text[len(self._emitted) :]
+        self._emitted = text
+        return delta
+
+
+def _partial_stop_suffix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the start of some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

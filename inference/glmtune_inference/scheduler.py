@@ -1,0 +1,263 @@
+"""The batching engine: a bounded queue of requests and one worker thread that advances every running
+request by one token per forward (continuous batching), streaming text deltas back to asyncio.
+
+The model runs only in the worker thread, so the event loop stays responsive and requests join or leave
+the batch between any two steps. Every served model name (base, each adapter) has its own decode batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+
+from glmtune.errors import GlmtuneError, InvalidInputError
+from glmtune_inference.batching import DecodeBatch, Sequence
+from glmtune_inference.generation import GenerationParams, TextDeltaDecoder
+from glmtune_inference.loading import ServedModel
+
+log = logging.getLogger("glmtune.inference.engine")
+
+
+class QueueFullError(GlmtuneError):
+    """Every batch slot and queue place is taken; the client should retry later (HTTP 429)."""
+
+
+class EngineUnavailableError(GlmtuneError):
+    """The engine is not running or is draining for shutdown (HTTP 503)."""
+
+
+class UnknownModelError(InvalidInputError):
+    """The request names a model this server does not serve (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a request: why it ended, its token counts and its full answer."""
+
+    reason: str  # stop | length | timeout | cancelled | error
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class GenerationHandle:
+    """One submitted request: iterate it for `TextDelta`s ending with one `Finished`; `cancel()` to stop."""
+
+    def __init__(self, request_id: str, model: str, seq: Sequence, engine: Engine,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.id = request_id
+        self.model = model
+        self.seq = seq
+        self._engine = engine
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating (client gone or timed out); safe to call at any time, from the event loop."""
+        self._engine._cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[TextDelta | Finished]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TextDelta | Finished]]) -> None:
+    """Runs in the event loop: hand one engine step's events to their requests."""
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+class Engine:
+    """Bounded queue + continuous batching over the served models."""
+
+    def __init__(self, models: Mapping[str, ServedModel], *, max_batch: int = 8, queue_size: int = 64,
+                 step_observer: Callable[[int], None] | None = None,
+                 finish_observer: Callable[[str, Finished], None] | None = None) -> None:
+        if not models:
+            raise InvalidInputError("at least one model must be served", where="models")
+        self.models = dict(models)
+        self.max_batch = max_batch
+        self.queue_size = queue_size
+        self.step_observer = step_observer  # called with the batch size of every decode forward
+        self.finish_observer = finish_observer  # called with (model name, Finished) of every request
+        self._batches = {name: DecodeBatch(m.model, m.prefix_len, m.family) for name, m in self.models.items()}
+        self._handles: dict[int, GenerationHandle] = {}
+        self._waiting: collections.deque[GenerationHandle] = collections.deque()
+        self._lock = threading.Condition()
+        self._ids = itertools.count(1)
+        self._accepting = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._outbox: list[tuple[GenerationHandle, TextDelta | Finished]] = []
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def start(self) -> None:
+        """Start the worker thread and accept requests."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="glmtune-engine", daemon=True)
+        self._thread.start()
+        self._accepting = True
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new requests, let running ones finish for up to `drain_timeout` s, cancel the rest, join."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        with self._lock:
+            while (self._waiting or self.running) and time.monotonic() < deadline:
+                self._lock.wait(timeout=0.05)
+            for handle in list(self._handles.values()):
+                handle.seq.cancelled = True
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, model: str, prompt_ids: list[int], params: GenerationParams,
+               timeout_s: float | None = None) -> GenerationHandle:
+        """Queue a request (call from the event loop); raises QueueFullError / EngineUnavailableError /
+        UnknownModelError before anything is queued."""
+        served = self.models.get(model)
+        if served is None:
+            raise UnknownModelError(f"model {model!r} is not served here (GET /v1/models lists them)",
+                                    where="model")
+        seq = Sequence(prompt_ids=list(prompt_ids), params=params,
+                       decoder=TextDeltaDecoder(served.tokenizer, params.stop),
+                       deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+        handle = GenerationHandle(f"req-{next(self._ids)}", model, seq, self, asyncio.get_running_loop())
+        with self._lock:
+            if not self._accepting:
+                raise EngineUnavailableError("the server is starting or shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFullError(f"{self.running} requests running and {len(self._waiting)} waiting")
+            self._handles[id(seq)] = handle
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def _cancel(self, handle: GenerationHandle) -> None:
+        with self._lock:
+            handle.seq.cancelled = True
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+                self._finish(handle, "cancelled")
+            self._lock.notify_all()
+
+    def _finish(self, handle: GenerationHandle, reason: str | None = None, error: str | None = None) -> None:
+        seq = handle.seq
+        self._handles.pop(id(seq), None)
+        done = Finished(reason or seq.finish_reason or "error", seq.decoder.text, len(seq.prompt_ids),
+                        seq.completion_tokens, error)
+        if self.finish_observer is not None:
+            self.finish_observer(handle.model, done)
+        self._post(handle, done)
+
+    def _post(self, handle: GenerationHandle, event: TextDelta | Finished) -> None:
+        """Queue an event; the worker sends a step's events in one wake-up of the loop (`_flush`)."""
+        if threading.current_thread() is self._thread:
+            self._outbox.append((handle, event))
+        else:
+            self._send([(handle, event)])
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        self._send(outbox)
+
+    @staticmethod
+    def _send(events: list[tuple[GenerationHandle, TextDelta | Finished]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in events:
+            by_loop.setdefault(handle._loop, []).append((handle._events, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is gone (process shutting down): nobody is listening
+                pass
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self.running:
+                    self._lock.wait()
+                if self._stop:
+                    break
+                admitted = []
+                while self._waiting and self.running + len(admitted) < self.max_batch:
+                    admitted.append(self._waiting.popleft())
+            try:
+                self._iterate(admitted)
+            except Exception as exc:  # a failing forward must not kill the server: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(str(exc) or type(exc).__name__)
+            self._flush()
+            with self._lock:
+                self._lock.notify_all()
+        self._fail_all("the server shut down", reason="cancelled")
+        self._flush()
+
+    def _iterate(self, admitted: list[GenerationHandle]) -> None:
+        now = time.monotonic()
+        for handle in admitted:
+            seq = handle.seq
+            if seq.cancelled or seq.expired(now):
+                self._finish(handle, "cancelled" if seq.cancelled else "timeout")
+                continue
+            delta = self._batches[handle.model].prefill(seq)
+            if delta:
+                self._post(handle, TextDelta(delta))
+            if seq.finished:
+                self._finish(handle)
+            self._flush()  # a first token goes out at once, not after the next decode step
+        for batch in self._batches.values():
+            for seq in batch.remove_finished():  # cancelled or expired since the last step
+                self._finish(self._handles[id(seq)])
+            if not batch.sequences:
+                continue
+            if self.step_observer is not None:
+                self.step_observer(len(batch))
+            for seq, delta in batch.step():
+                if delta:
+                    self._post(self._handles[id(seq)], TextDelta(delta))
+            for seq in batch.remove_finished():
+                self._finish(self._handles[id(seq)])
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        with self._lock:
+            pending = list(self._handles.values())
+            self._waiting.clear()
+            self._batches = {name: DecodeBatch(m.model, m.prefix_len, m.family) for name, m in self.models.items()}
+            for handle in pending:
+                self._finish(handle, reason, error=message)

@@ -1,0 +1,83 @@
+"""Batching must not change answers: greedy decoding in a shared left-padded batch, with requests joining
+and leaving at different steps, gives exactly the tokens each request gets alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from glmtune_inference.batching import DecodeBatch, Sequence
+from glmtune_inference.generation import TextDeltaDecoder
+
+QUERIES = ("你好", "从南京到上海的路线", "Hello, world! How are you doing today?", "什么是机器学习？请介绍一下。")
+
+
+def new_sequence(model, query, max_new_tokens=16):
+    params = model.params(do_sample=False, max_new_tokens=max_new_tokens)
+    return Sequence(model.encode(query), params, TextDeltaDecoder(model.tokenizer))
+
+
+def alone(model, query, max_new_tokens=16):
+    batch = DecodeBatch(model.model, model.prefix_len, model.family)
+    seq = new_sequence(model, query, max_new_tokens)
+    batch.prefill(seq)
+    while not seq.finished:
+        batch.step()
+        batch.remove_finished()
+    return seq.generated
+
+
+def staggered(model, queries, budgets):
+    """Requests join after different numbers of steps and, with different budgets, leave at different steps."""
+    batch = DecodeBatch(model.model, model.prefix_len, model.family)
+    seqs = [new_sequence(model, q, n) for q, n in zip(queries, budgets, strict=True)]
+    batch.prefill(seqs[0])
+    batch.step()
+    batch.step()
+    batch.prefill(seqs[1])
+    batch.step()
+    batch.remove_finished()
+    for seq in seqs[2:]:
+        batch.prefill(seq)
+    widths = []
+    while len(batch):
+        widths.append(len(batch))
+        batch.step()
+        batch.remove_finished()
+    return [s.generated for s in seqs], widths
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["base", "full", "prefix"])
+def test_greedy_batched_tokens_equal_unbatched(exports, served, family, kind):
+    model = next(iter(served(exports.get(kind, family)).values()))
+    budgets = (5, 16, 9, 16)
+    expected = [alone(model, q, n) for q, n in zip(QUERIES, budgets, strict=True)]
+    got, widths = staggered(model, QUERIES, budgets)
+    assert max(widths) >= 3, "the scenario must really batch"
+    assert got == expected
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_decoding_matches_transformers_generate(exports, served, family):
+    model = next(iter(served(exports.get("base", family)).values()))
+    for query in QUERIES[:2]:
+        ids = torch.tensor([model.encode(query)])
+        out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=12, eos_token_id=list(model.params().stop_token_ids),
+                                   pad_token_id=model.tokenizer.pad_token_id)
+        reference = [t for t in out[0, ids.shape[1]:].tolist() if t not in model.params().stop_token_ids]
+        assert alone(model, query, 12)[: len(reference)] == reference
+
+
+def test_finished_and_cancelled_requests_leave_and_the_cache_shrinks(exports, served):
+    model = next(iter(served(exports.get("base", "v2")).values()))
+    batch = DecodeBatch(model.model, model.prefix_len, model.family)
+    long_prompt, short_prompt = new_sequence(model, QUERIES[3] * 3), new_sequence(model, "你好")
+    batch.prefill(long_prompt)
+    batch.prefill(short_prompt)
+    width_before = batch._mask.shape[1]
+    long_prompt.cancelled = True
+    gone = batch.remove_finished()
+    assert gone == [long_prompt] and long_prompt.finish_reason == "cancelled"
+    assert batch._mask.shape[1] == len(short_prompt.prompt_ids) < width_before
+    assert batch._cache.layers[0].keys.shape[2] == len(short_prompt.prompt_ids)

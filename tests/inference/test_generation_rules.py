@@ -1,0 +1,132 @@
+"""Per-request decoding rules: parameter validation, logits guards and filters, stop-string streaming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from glmtune_inference.generation import (
+    GenerationParams,
+    TextDeltaDecoder,
+    apply_repetition_penalty,
+    choose_token,
+    filter_top_k_top_p,
+    sanitize_logits,
+)
+
+from glmtune.errors import InvalidInputError
+
+
+class CharTokenizer:
+    """Token id = one character's code point; enough to test text streaming."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
+    ("repetition_penalty", 0.0), ("max_length", 0), ("temperature", math.nan),
+])
+def test_invalid_generation_params_name_the_field(field, value):
+    with pytest.raises(InvalidInputError) as err:
+        GenerationParams(**{field: value})
+    assert err.value.where == field
+
+
+def test_new_token_budget_respects_max_length_and_max_new_tokens():
+    assert GenerationParams(max_length=10).new_token_budget(4) == 6
+    assert GenerationParams(max_length=10, max_new_tokens=3).new_token_budget(4) == 3
+    assert GenerationParams(max_length=4).new_token_budget(9) == 0
+
+
+def test_nan_or_inf_logits_become_the_originals_safe_row():
+    logits = torch.tensor([[0.5, float("nan"), 1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    fixed = sanitize_logits(logits)
+    assert fixed[0].tolist() == [0, 0, 0, 0, 0, 5e4, 0]
+    assert torch.equal(fixed[1], logits[1])
+    assert choose_token(torch.tensor([float("inf")] * 8), GenerationParams(do_sample=False), torch.empty(0,
+                        dtype=torch.long), None) == 5
+
+
+def test_top_k_and_top_p_keep_only_the_best_tokens():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_top_k_top_p(scores, 2, 1.0)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_k_top_p(scores, 0, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_k_top_p(scores, 0, 0.4)).tolist() == [[False, True, True, True]]
+
+
+def test_repetition_penalty_lowers_tokens_already_seen():
+    scores = torch.tensor([[2.0, -1.0, 2.0]])
+    out = apply_repetition_penalty(scores, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 2.0]]
+
+
+def test_greedy_when_sampling_off_or_temperature_zero():
+    logits = torch.tensor([0.1, 3.0, 0.2])
+    none = torch.empty(0, dtype=torch.long)
+    assert choose_token(logits, GenerationParams(do_sample=False), none, None) == 1
+    assert choose_token(logits, GenerationParams(temperature=0.0), none, None) == 1
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = torch.randn(50)
+    none = torch.empty(0, dtype=torch.long)
+    params = GenerationParams(top_p=1.0, temperature=1.0, seed=7)
+    first = [choose_token(logits, params, none, g) for g in [torch.Generator().manual_seed(7)] * 5]
+    second = [choose_token(logits, params, none, g) for g in [torch.Generator().manual_seed(7)] * 5]
+    assert first == second
+
+
+def test_stream_holds_back_a_possible_stop_string_and_cuts_at_it():
+    decoder = TextDeltaDecoder(CharTokenizer(), stop=("END",))
+    answer = "abc EN"
+    deltas = [decoder.push(ids(answer[: i + 1])) for i in range(len(answer))]
+    assert "".join(deltas) == "abc "  # "EN" may start "END": not released yet
+    assert decoder.push(ids("abc END and more")) == ""
+    assert decoder.stopped and decoder.text == "abc "
+
+
+def test_stream_releases_held_text_when_it_is_not_a_stop_after_all():
+    decoder = TextDeltaDecoder(CharTokenizer(), stop=("END",))
+    assert decoder.push(ids("x E")) == "x "
+    assert decoder.push(ids("x Ex")) == "Ex"
+    assert decoder.finish(ids("x ExE")) == "E"
+    assert not decoder.stopped
+
+
+def test_incomplete_utf8_is_not_streamed_until_complete():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    decoder = TextDeltaDecoder(Bytes())
+    raw = list("好".encode())
+    assert decoder.push(raw[:1]) == ""
+    assert decoder.push(raw[:2]) == ""
+    assert decoder.push(raw) == "好"
+
+
+def test_a_tiny_temperature_samples_the_best_token_instead_of_failing():
+    logits = torch.tensor([0.1, 3.0, 0.2, -50.0])
+    params = GenerationParams(temperature=1e-300, top_p=1.0)
+    assert choose_token(logits, params, torch.empty(0, dtype=torch.long), torch.Generator().manual_seed(0)) == 1
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_best_token():
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert torch.isinf(filter_top_k_top_p(scores, 0, 5e-324)).tolist() == [[False, True, True]]
+
+
+def test_sampling_follows_the_distribution_and_never_picks_filtered_tokens():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1, 1e-9]))
+    params = GenerationParams(temperature=1.0, top_p=0.85)
+    rng = torch.Generator().manual_seed(1)
+    draws = [choose_token(logits, params, torch.empty(0, dtype=torch.long), rng) for _ in range(2000)]
+    assert set(draws) == {0, 1}
+    assert abs(draws.count(0) / len(draws) - 2 / 3) < 0.05

@@ -1,0 +1,79 @@
+"""Loading exports from S3 (moto's real HTTP server on 127.0.0.1): downloaded once, checked against the
+manifest; a tampered object or an upload without its manifest is refused."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from glmtune_inference.chat import ChatModel
+from glmtune_inference.loading import LoadOptions, load_served_models
+
+from glmtune import storage
+from glmtune.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def bucket() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        name = f"models-{uuid.uuid4().hex[:8]}"
+        storage.s3_client().create_bucket(Bucket=name)
+        yield name
+    server.stop()
+
+
+def greedy(model, query):
+    return ChatModel(model).chat(query, do_sample=False, max_new_tokens=24)[0]
+
+
+@pytest.mark.parametrize(("kind", "family"), [("full", "v1"), ("int8", "v2"), ("adapter", "v2"), ("prefix", "v2")])
+def test_each_export_kind_loads_from_s3(exports, bucket, tmp_path, trained_qa, kind, family):
+    """Adapters and prefixes name their base; here the base is uploaded too and the export points at it."""
+    local = exports.get(kind, family)
+    uri = f"s3://{bucket}/{kind}-{family}"
+    if kind in ("adapter", "prefix"):
+        import json
+        import shutil
+
+        base_uri = f"s3://{bucket}/base-{family}"
+        storage.upload_dir(exports.get("base", family), base_uri)
+        local = shutil.copytree(local, tmp_path / kind)
+        info = json.loads((local / "glmtune-export.json").read_text())
+        info["base_model"] = base_uri
+        (local / "glmtune-export.json").write_text(json.dumps(info))
+    storage.upload_dir(local, uri)
+    models = load_served_models(uri, options=LoadOptions(cache_dir=tmp_path / "cache"))
+    (model,) = models.values()
+    query, answer = trained_qa[kind][0]
+    assert greedy(model, query) == answer
+    assert any((tmp_path / "cache").rglob("glmtune-manifest.json"))
+
+
+def test_a_tampered_object_fails_the_checksum(exports, bucket, tmp_path):
+    uri = f"s3://{bucket}/tampered"
+    storage.upload_dir(exports.get("full", "v2"), uri)
+    bucket_name, key = storage.parse_s3_uri(uri)
+    storage.s3_client().put_object(Bucket=bucket_name, Key=f"{key}/config.json", Body=b"{}")
+    with pytest.raises(InvalidInputError, match="checksum") as err:
+        load_served_models(uri, options=LoadOptions(cache_dir=tmp_path / "cache"))
+    assert "config.json" in str(err.value)
+
+
+def test_an_upload_without_its_manifest_is_refused(exports, bucket, tmp_path):
+    uri = f"s3://{bucket}/unfinished"
+    storage.upload_dir(exports.get("full", "v2"), uri)
+    bucket_name, key = storage.parse_s3_uri(uri)
+    storage.s3_client().delete_object(Bucket=bucket_name, Key=f"{key}/glmtune-manifest.json")
+    with pytest.raises(InvalidInputError, match="incomplete") as err:
+        load_served_models(uri, options=LoadOptions(cache_dir=tmp_path / "cache"))
+    assert uri in str(err.value)
