@@ -1,0 +1,119 @@
+"""Reader and writer of `glmtune-export.json`, the file that says what an export directory holds.
+
+Torch-free on purpose: the operator and the inference loader read it before deciding what to load.
+The layout of an export directory is fixed by the export contract (merged / full / adapter / prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import InvalidInputError
+
+EXPORT_FILE = "glmtune-export.json"
+MANIFEST_FILE = "glmtune-manifest.json"
+FORMAT_VERSION = 1
+KINDS = ("merged", "full", "adapter", "prefix")
+METHODS = ("lora", "adalora", "ptv2", "freeze", "full")
+FAMILIES = ("v1", "v2", "v3")
+# Kinds that hold only a delta and need the base model they were trained from.
+KINDS_WITH_BASE = ("adapter", "prefix")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What an export directory holds and how to load it."""
+
+    kind: str
+    family: str
+    template: str
+    method: str
+    base_model: str | None = None
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    quantization_bit: int = 0
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    run: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}", "kind")
+        _check(self.family in FAMILIES, f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}", "family")
+        _check(self.template in FAMILIES, f"template must be one of {', '.join(FAMILIES)}", "template")
+        _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}", "method")
+        _check(self.quantization_bit in (0, 4, 8), "quantization_bit must be 0, 4 or 8", "quantization_bit")
+        _check(self.format == FORMAT_VERSION, f"unsupported format {self.format!r} (this glmtune reads 1)", "format")
+        if self.kind in KINDS_WITH_BASE:
+            _check(bool(self.base_model), f"kind {self.kind!r} needs base_model", "base_model")
+        if self.kind == "prefix":
+            _check(isinstance(self.pre_seq_len, int) and self.pre_seq_len > 0,
+                   "kind 'prefix' needs a positive pre_seq_len", "pre_seq_len")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to disk, keys in the contract's order."""
+        data = asdict(self)
+        order = ("format", "kind", "family", "template", "method", "base_model", "pre_seq_len",
+                 "prefix_projection", "quantization_bit", "created", "run")
+        return {key: data[key] for key in order}
+
+
+def _check(condition: bool, message: str, key: str) -> None:
+    if not condition:
+        raise InvalidInputError(message, where=f"{EXPORT_FILE}:{key}")
+
+
+def write_export_info(directory: str | os.PathLike[str], info: ExportInfo) -> Path:
+    """Write `glmtune-export.json` into `directory` atomically; returns its path."""
+    directory = Path(directory)
+    target = directory / EXPORT_FILE
+    fd, tmp = tempfile.mkstemp(prefix=f".{EXPORT_FILE}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(info.to_json(), handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def parse_export_info(data: Any, where: str = EXPORT_FILE) -> ExportInfo:
+    """Validate a decoded `glmtune-export.json` object; unknown keys are an error so typos surface."""
+    if not isinstance(data, dict):
+        raise InvalidInputError("must be a JSON object", where=where)
+    allowed = {f for f in ExportInfo.__dataclass_fields__}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown keys {unknown}", where=where)
+    for key in ("kind", "family", "template", "method"):
+        if key not in data:
+            raise InvalidInputError(f"missing key {key!r}", where=where)
+    if not isinstance(data.get("run", {}), dict):
+        raise InvalidInputError("run must be an object", where=f"{where}:run")
+    return ExportInfo(**data)
+
+
+def read_export_info(directory: str | os.PathLike[str], *, require_complete: bool = False) -> ExportInfo:
+    """Read `glmtune-export.json` from an export directory.
+
+    With `require_complete`, a directory without `glmtune-manifest.json` (an interrupted upload or
+    write) is refused, as the export contract asks of readers that need a finished export.
+    """
+    directory = Path(directory)
+    path = directory / EXPORT_FILE
+    if not path.is_file():
+        raise InvalidInputError(f"not a glmtune export: {EXPORT_FILE} is missing", where=str(directory))
+    if require_complete and not (directory / MANIFEST_FILE).is_file():
+        raise InvalidInputError(f"incomplete export: {MANIFEST_FILE} is missing", where=str(directory))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from None
+    return parse_export_info(data, where=str(path))

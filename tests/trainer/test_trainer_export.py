@@ -1,0 +1,129 @@
+"""Exports: merged weights in the original key format, peft adapters, prefixes, re-quantized, to S3 safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from glmtune_trainer.export import export, read_run, rebuild_trained_model
+from glmtune_trainer.run import train
+
+from glmtune import storage
+from glmtune.errors import InvalidInputError
+from glmtune.export_format import ExportInfo, read_export_info, write_export_info
+
+
+@pytest.fixture
+def lora_checkpoint(make_spec, tmp_path: Path) -> Path:
+    spec = make_spec("lora", family="v1", method_settings={"r": 4, "dropout": 0.0}, maxSteps=3, learningRate=5e-2,
+                     output={"export": "adapter"})
+    return train(spec, tmp_path / "run").checkpoint_dir
+
+
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Logits for a v1 prompt: text ids then [gMASK] <sop>, as the original inputs end."""
+    config = model.config
+    prompt = torch.tensor([ids + [config.gmask_token_id, config.bos_token_id]])
+    with torch.no_grad():
+        return model(input_ids=prompt).logits
+
+
+def test_merged_lora_export_uses_original_keys_and_matches_the_trained_model(lora_checkpoint: Path,
+                                                                             tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from glmtune.modeling import load_model
+
+    result = export(lora_checkpoint, str(tmp_path / "merged"), "merged")
+    run = read_run(lora_checkpoint)
+    trained = rebuild_trained_model(lora_checkpoint, run)
+    merged = load_model(result.uri)
+    ids = [5, 6, 7, 8, 9, 10]
+    torch.testing.assert_close(_logits(merged, ids), _logits(trained, ids), rtol=1e-4, atol=1e-4)
+    base_keys = set(load_model(run["base_model"]).state_dict())
+    with safe_open(str(Path(result.uri) / "model.safetensors"), "pt") as handle:
+        assert set(handle.keys()) >= base_keys and not any("lora" in k for k in handle.keys())
+    assert json.loads((Path(result.uri) / "config.json").read_text())["model_type"] == "chatglm"
+    info = read_export_info(result.uri, require_complete=True)
+    assert (info.kind, info.family, info.method, info.base_model) == ("merged", "v1", "lora", None)
+
+
+def test_adapter_export_is_peft_format_over_the_base_model(lora_checkpoint: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from glmtune.modeling import load_model
+
+    adapter = export(lora_checkpoint, str(tmp_path / "adapter"), "adapter")
+    merged = export(lora_checkpoint, str(tmp_path / "merged"), "merged")
+    info = read_export_info(adapter.uri)
+    assert info.kind == "adapter" and info.base_model
+    assert {"adapter_config.json", "adapter_model.safetensors", "ice_text.model"} <= set(adapter.files)
+    with_adapter = PeftModel.from_pretrained(load_model(info.base_model), adapter.uri).eval()
+    ids = [5, 6, 7, 8, 9]
+    torch.testing.assert_close(_logits(with_adapter, ids), _logits(load_model(merged.uri), ids), rtol=1e-4, atol=1e-4)
+
+
+def test_merged_export_can_be_requantized(lora_checkpoint: Path, tmp_path: Path) -> None:
+    from glmtune.modeling import load_model
+    from glmtune.modeling.quantization import QuantizedLinear
+
+    result = export(lora_checkpoint, str(tmp_path / "int8"), "merged", bits=8)
+    assert read_export_info(result.uri).quantization_bit == 8
+    model = load_model(result.uri)
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_full_training_has_no_adapter_to_export(make_spec, tmp_path: Path) -> None:
+    checkpoint = train(make_spec("full", maxSteps=1), tmp_path / "run").checkpoint_dir
+    with pytest.raises(InvalidInputError, match="no adapter"):
+        export(checkpoint, str(tmp_path / "out"), "adapter")
+
+
+def test_export_to_s3_marks_completion_last_and_a_retry_completes(lora_checkpoint: Path, bucket: str,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import boto3.s3.transfer
+
+    uri = f"s3://{bucket}/models/m1"
+    original = boto3.s3.transfer.S3Transfer.upload_file
+    calls = {"n": 0}
+
+    def flaky(self, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("network dropped")
+        return original(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(boto3.s3.transfer.S3Transfer, "upload_file", flaky)
+    with pytest.raises(ConnectionError):
+        export(lora_checkpoint, uri, "merged")
+    with pytest.raises(InvalidInputError, match="incomplete"):
+        storage.fetch(uri, cache_dir=tmp_path / "cache", require_manifest=True)
+    result = export(lora_checkpoint, uri, "merged")
+    local = storage.fetch(uri, cache_dir=tmp_path / "cache", require_manifest=True)
+    assert read_export_info(local, require_complete=True).kind == "merged"
+    assert sorted(storage.read_manifest(local)["files"]) == result.files
+
+
+def test_export_cli_reports_a_bad_checkpoint_with_exit_code_2(tmp_path: Path, capsys) -> None:
+    from glmtune.cli import main
+
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "not a glmtune training checkpoint" in capsys.readouterr().err
+
+
+def test_export_info_round_trips_and_rejects_bad_files(tmp_path: Path) -> None:
+    info = ExportInfo(kind="prefix", family="v2", template="v2", method="ptv2", base_model="s3://b/base",
+                      pre_seq_len=8, run={"spec_name": "x", "steps": 3})
+    write_export_info(tmp_path, info)
+    assert read_export_info(tmp_path) == info
+    with pytest.raises(InvalidInputError, match="glmtune-manifest.json is missing"):
+        read_export_info(tmp_path, require_complete=True)
+    data = json.loads((tmp_path / "glmtune-export.json").read_text())
+    (tmp_path / "glmtune-export.json").write_text(json.dumps({**data, "kind": "weird"}))
+    with pytest.raises(InvalidInputError, match="glmtune-export.json:kind"):
+        read_export_info(tmp_path)
+    with pytest.raises(InvalidInputError, match="needs base_model"):
+        ExportInfo(kind="adapter", family="v1", template="v1", method="lora")

@@ -1,0 +1,83 @@
+"""`glmtune train SPEC` and `glmtune export CHECKPOINT OUT`; parsers are torch-free, handlers import lazily."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` and `export` commands."""
+    train = subparsers.add_parser(
+        "train", help="fine-tune a model from a spec file",
+        description="Train as the GLMFineTune spec says (single process; under torchrun, one rank of many). "
+                    "Checkpoints, logs and records go to the work directory; the model is exported at the end.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+    export = subparsers.add_parser(
+        "export", help="export a training checkpoint",
+        description="Write a checkpoint as merged weights in the original ChatGLM format, or as an adapter "
+                    "(LoRA in peft format; ptv2 always exports its prefix encoder), to a directory or s3:// prefix.",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a step-N checkpoint directory or s3:// URI")
+    export.add_argument("out", metavar="OUT_URI", help="output directory or s3://bucket/prefix")
+    mode = export.add_mutually_exclusive_group()
+    mode.add_argument("--merge", dest="mode", action="store_const", const="merged",
+                      help="merge adapters into the base weights (default)")
+    mode.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
+                      help="write only the adapter (peft format), applied over the base model")
+    export.add_argument("--bits", type=int, choices=(8, 4), help="re-quantize merged/full weights to int8/int4")
+    export.set_defaults(func=run_export, mode="merged")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by `glmtune train` and `python -m glmtune_trainer`."""
+    parser.add_argument("spec", metavar="SPEC", help="GLMFineTune YAML file (full object or bare spec)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set training.maxSteps=100 (repeatable)")
+    parser.add_argument("--workdir", default=os.environ.get("GLMTUNE_WORKDIR"),
+                        help="folder for records, checkpoints and logs (default: $GLMTUNE_WORKDIR or "
+                             "./glmtune-runs/<spec name>)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of `glmtune train`: relaunch under torchrun in a multi-process PyTorchJob pod, else train."""
+    from glmtune.spec import load_spec_file
+    from glmtune_trainer.distributed import torchrun_command
+
+    spec = load_spec_file(args.spec, args.overrides)
+    relaunch = torchrun_command(_train_argv(args))
+    if relaunch is not None:
+        import subprocess
+
+        return subprocess.call(relaunch)
+    from glmtune_trainer.run import train
+
+    workdir = Path(args.workdir or Path("glmtune-runs") / (spec.metadata.name or "run"))
+    result = train(spec, workdir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {result.checkpoint_dir}", file=sys.stderr)
+        if result.export is not None:
+            print(f"exported ({result.export.kind}): {result.export.uri}", file=sys.stderr)
+    return 0
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    argv = [args.spec]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.workdir:
+        argv += ["--workdir", args.workdir]
+    return argv
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `glmtune export`."""
+    from glmtune_trainer.export import export
+
+    result = export(args.checkpoint, args.out, args.mode, args.bits)
+    print(f"exported ({result.kind}): {result.uri}")
+    return 0

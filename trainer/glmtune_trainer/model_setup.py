@@ -1,0 +1,95 @@
+"""The base model of a run: resolved (downloaded or created) once by rank 0, loaded by every rank.
+
+Also the one place that reads trained weights back out of an engine in fp32 (DeepSpeed keeps the
+master copy inside its optimizer, and ZeRO-3 shards it), for checkpoints and export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmtune.errors import InvalidInputError
+
+PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
+    """Make the base model available locally; returns what every rank needs to load it (JSON-able)."""
+    from glmtune.modeling.checkpoint import family_of_config, local_model_dir
+    from glmtune.templates import template_for_family
+
+    model = spec.spec.model
+    if model.create is not None:
+        from glmtune.modeling import create_model_dir
+
+        path = workdir / "base-model"
+        if not (path / "config.json").is_file():
+            create_model_dir(model.family, model.create.size, path, seed=model.create.seed)
+    else:
+        path = local_model_dir(model.uri)
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    family = family_of_config(config, where=str(Path(path) / "config.json"))
+    if family == "v2":
+        from glmtune.tokenization import detect_family
+
+        # ChatGLM3 shares ChatGLM2's architecture; its tokenizer (role tokens) tells them apart.
+        family = "v3" if model.family == "v3" or detect_family(path) == "v3" else "v2"
+    if model.family is not None and {model.family, family} not in ({"v2", "v3"}, {family}):
+        raise InvalidInputError(f"the checkpoint is a {family} model, not {model.family}", where="spec.model.family")
+    template = spec.spec.data.template
+    quant = model.quantization
+    return {
+        "path": str(path),
+        "family": family,
+        "template": template if template != "auto" else template_for_family(family),
+        # Methods that train base weights load them in fp32: they are the master weights (autocast computes).
+        "dtype": model.dtype or ("float32" if spec.spec.method.name in ("full", "freeze")
+                                 else PRECISION_DTYPES[spec.spec.training.precision]),
+        "glmtune_bits": quant.bits if quant is not None and quant.backend == "glmtune" else None,
+        "bnb_bits": quant.bits if quant is not None and quant.backend == "bitsandbytes" else None,
+        "hidden_size": int(config.get("hidden_size", 0)),
+    }
+
+
+def load_training_model(base: dict[str, Any], overrides: dict[str, Any]) -> torch.nn.Module:
+    """The base model as training needs it: glmtune's loader, or bitsandbytes layers for QLoRA."""
+    from glmtune.modeling import load_model
+
+    if not base.get("bnb_bits"):
+        return load_model(base["path"], dtype=base["dtype"], quantization_bit=base["glmtune_bits"],
+                          config_overrides=overrides)
+    from transformers import BitsAndBytesConfig
+
+    from glmtune.modeling.checkpoint import model_classes
+
+    # Both families' files say model_type "chatglm", so the class comes from the detected family.
+    model_class = model_classes(base["family"])[1]
+    dtype = getattr(torch, base["dtype"])
+    quant = (BitsAndBytesConfig(load_in_8bit=True) if base["bnb_bits"] == 8 else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    model = model_class.from_pretrained(base["path"], quantization_config=quant, dtype=dtype,
+                                        device_map={"": _default_device()}, **overrides)
+    return model.eval()
+
+
+def _default_device() -> str:
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def trainable_fp32_state(engine: Any) -> dict[str, torch.Tensor]:
+    """Name → fp32 CPU tensor for every trained parameter; under DeepSpeed every rank must call it."""
+    model = engine.model
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not hasattr(engine, "engine"):
+        return {name: param.detach().float().cpu() for name, param in named}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in named:
+        full = safe_get_full_fp32_param(param)
+        state[name] = (full if full is not None else param).detach().float().cpu().clone()
+    return state

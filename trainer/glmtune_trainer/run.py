@@ -1,0 +1,254 @@
+"""`train(spec, workdir)`: one training run from a `GLMFineTune` spec, single process or distributed.
+
+Engine choice: a small explicit loop (`loop.fit` / `loop.validate`) over torch DDP or
+`deepspeed.initialize`, not transformers' Trainer. Every step's data is a pure function of (seed, step),
+the loss is normalised by the step's global token count, and the NaN guard decides before the optimizer
+runs — which is what makes kill -9 resume bit-identical and DDP/ZeRO match single-process training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from glmtune.errors import InvalidInputError
+from glmtune_trainer import checkpoint as ckpt
+from glmtune_trainer.distributed import (
+    Topology,
+    barrier,
+    deepspeed_config,
+    device_for,
+    init_distributed,
+    read_topology,
+    wait_for_file,
+)
+from glmtune_trainer.engine import CausalLMLoss, DeepSpeedEngine, PlainEngine
+from glmtune_trainer.export import ExportResult, export
+from glmtune_trainer.guard import NonFiniteGuard
+from glmtune_trainer.loop import BatchSource, LoopPlan, LoopState, fit, plan_steps
+from glmtune_trainer.methods import (
+    adalora_state,
+    adalora_update,
+    apply_method,
+    load_adalora_state,
+    load_overrides,
+)
+from glmtune_trainer.metrics import MetricsLogger
+from glmtune_trainer.model_setup import load_training_model, prepare_base_model, trainable_fp32_state
+from glmtune_trainer.optim import build_optimizer, build_scheduler, parameter_groups
+
+PREP_TIMEOUT_S = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    checkpoint_dir: Path
+    metrics: dict[str, Any]
+    export: ExportResult | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank0_prepares(topology: Topology, marker: Path, prepare: Any) -> Any:
+    """Rank 0 runs `prepare()` and writes `marker` (JSON); the others wait on the file, not a collective.
+
+    A marker left by an earlier launch is removed between two barriers first, so nobody reads it.
+    """
+    if not topology.distributed:
+        return prepare()
+    barrier()
+    if topology.is_main:
+        marker.unlink(missing_ok=True)
+    barrier()
+    if topology.is_main:
+        value = prepare()
+        ckpt.write_json(marker, {"value": value})
+        return value
+    wait_for_file(marker, PREP_TIMEOUT_S)
+    return json.loads(marker.read_text(encoding="utf-8"))["value"]
+
+
+def _rank0_decides(topology: Topology, decide: Any) -> Any:
+    """A quick decision taken by rank 0 and broadcast to every rank."""
+    if not topology.distributed:
+        return decide()
+    box = [decide() if topology.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_description(spec: Any, base: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """run.json: how to rebuild the trained model from its base (read by export)."""
+    model = spec.spec.model
+    return {
+        "spec_name": spec.metadata.name, "base_model": base["path"], "base_uri": model.uri or base["path"],
+        "family": base["family"], "template": base["template"], "dtype": base["dtype"],
+        "method": spec.spec.method.model_dump(mode="json"), "total_steps": total_steps,
+        "quantization_bits": model.quantization.bits if model.quantization else 0,
+    }
+
+
+def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device: torch.device) -> Any:
+    training = spec.spec.training
+    ds = training.deepspeed
+    groups = parameter_groups(model, training.weight_decay)
+    optimizer = build_optimizer(training.optimizer, groups, training.learning_rate)
+    if ds is None:
+        model.to(device)
+        return PlainEngine(CausalLMLoss(model), optimizer, training.precision, training.max_grad_norm, device,
+                           topology.distributed)
+    if spec.spec.method.name == "adalora":
+        raise InvalidInputError("AdaLoRA reallocates ranks from full gradients, which ZeRO shards: "
+                                "train adalora without deepspeed", where="spec.training.deepspeed")
+    config = deepspeed_config(
+        ds.stage, micro_batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
+        world_size=topology.world_size, max_grad_norm=training.max_grad_norm, precision=training.precision,
+        offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
+    )
+    return DeepSpeedEngine(CausalLMLoss(model, recompute=ds.stage != 3), optimizer, config)
+
+
+def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run the training `spec` describes, with checkpoints and logs under `workdir`; export on completion.
+
+    `source` replaces the records built from `spec.data` (tests); `stop_after` ends early after that many
+    steps of this call without exporting (used to simulate preemption).
+    """
+    from glmtune_trainer.batches import build_batch_source
+
+    workdir = Path(workdir)
+    topology = read_topology()
+    init_distributed(topology)
+    device = device_for(topology)
+    training = spec.spec.training
+    workdir.mkdir(parents=True, exist_ok=True)
+    seed_everything(training.seed)
+    base = _rank0_prepares(topology, workdir / ".prepared-model.json", lambda: prepare_base_model(spec, workdir))
+    if source is None:
+        source = build_batch_source(spec, base, workdir, topology, _rank0_prepares)
+    per_epoch, total = plan_steps(source.num_micro_batches(), training.gradient_accumulation_steps,
+                                  training.epochs, training.max_steps)
+    model = load_training_model(base, load_overrides(spec.spec.method, base["hidden_size"]))
+    model = apply_method(model, spec.spec.method, total)
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # master weights in fp32 whatever the base dtype
+    engine = _build_engine(spec, model, topology, device)
+    scheduler = _scheduler(training, engine, total)
+    guard = NonFiniteGuard(max_consecutive=training.max_bad_steps, precision=training.precision)
+    root = workdir / "checkpoints"
+    run_info = _run_description(spec, base, total)
+    state = LoopState()
+    cp = training.checkpoint
+    resume_from = _rank0_decides(
+        topology, lambda: str(p) if (p := ckpt.resolve_resume(cp.resume, root, cp.mirror_uri)) else None)
+    if resume_from:
+        state = _resume(Path(resume_from), engine, scheduler, guard, topology)
+    metrics = MetricsLogger(workdir / "logs", total, state.step, enabled=topology.is_main)
+
+    def save(loop_state: LoopState) -> None:
+        _save(root, loop_state, engine, scheduler, guard, topology, run_info, cp)
+
+    try:
+        state = fit(engine, source, scheduler, guard,
+                    LoopPlan(total, per_epoch, training.gradient_accumulation_steps, topology.world_size,
+                             training.log_every_steps, training.evaluation.every_epoch, cp.every_steps,
+                             cp.every_minutes),
+                    state, metrics, device, save,
+                    after_update=(lambda step: adalora_update(engine.model, step))
+                    if spec.spec.method.name == "adalora" else None,
+                    stop_after=stop_after, extra_eval=_generation_eval(spec, engine, source, base, device))
+    finally:
+        metrics.close()
+    final = root / ckpt.step_dir_name(state.step)
+    summary = {"step": state.step, "loss": state.last_loss, "eval_loss": state.eval_loss,
+               "skipped_steps": guard.skipped_total, "tokens": state.tokens}
+    exported = None
+    if state.step >= total and topology.is_main:
+        out = spec.spec.output
+        exported = export(final, out.uri, out.export, out.bits)
+    barrier()
+    return TrainResult(checkpoint_dir=final, metrics=summary, export=exported)
+
+
+def _generation_eval(spec: Any, engine: Any, source: Any, base: dict[str, Any], device: torch.device) -> Any:
+    """BLEU-4 / Rouge-L on the held-out split when `evaluation.generationMetrics` asks for them."""
+    training = spec.spec.training
+    if not training.evaluation.generation_metrics:
+        return None
+    if training.deepspeed is not None and training.deepspeed.stage == 3:
+        raise InvalidInputError("generation needs whole weights on every rank, which ZeRO-3 shards: use stage 2 "
+                                "or turn generationMetrics off", where="spec.training.evaluation.generationMetrics")
+    if not hasattr(source, "eval_records"):
+        raise InvalidInputError("generation metrics need held-out records (data.evalSplit > 0)",
+                                where="spec.training.evaluation.generationMetrics")
+    from glmtune.tokenization import load_tokenizer
+    from glmtune_trainer.genmetrics import generation_scores, prompts_and_answers
+
+    tokenizer = load_tokenizer(base["path"])
+    pairs = prompts_and_answers(source.eval_records())
+    return lambda: generation_scores(engine.model, tokenizer, base["template"], pairs, device)
+
+
+def _scheduler(training: Any, engine: Any, total: int) -> Any:
+    warmup = training.warmup_steps if training.warmup_steps is not None else int(total * (training.warmup_ratio or 0))
+    optimizer = engine.optimizer if isinstance(engine, PlainEngine) else engine.client_optimizer
+    return build_scheduler(training.scheduler, optimizer, warmup, total)
+
+
+def _save(root: Path, state: LoopState, engine: Any, scheduler: Any, guard: NonFiniteGuard, topology: Topology,
+          run_info: dict[str, Any], cp: Any) -> None:
+    """Write checkpoint `state.step` atomically (all ranks take part)."""
+    tmp = ckpt.prepare_tmp_dir(root, state.step, topology.is_main)
+    barrier()
+    weights = trainable_fp32_state(engine)
+    if topology.is_main:
+        ckpt.save_weights(tmp / ckpt.WEIGHTS_FILE, weights)
+    engine.save(tmp, topology.is_main)
+    ckpt.save_rng(tmp, topology.rank)
+    if topology.is_main:
+        torch.save({"scheduler": scheduler.state_dict(), "adalora": adalora_state(engine.model)}, tmp / "scheduler.pt")
+        ckpt.write_json(tmp / ckpt.RUN_FILE, {**run_info, "step": state.step})
+        ckpt.write_json(tmp / ckpt.STATE_FILE, {**state.to_json(), "guard": guard.state_dict(),
+                                                "world_size": topology.world_size})
+    barrier()
+    if topology.is_main:
+        ckpt.finalize(root, tmp, state.step, cp.keep_last, cp.mirror_uri)
+    barrier()
+
+
+def _resume(directory: Path, engine: Any, scheduler: Any, guard: NonFiniteGuard, topology: Topology) -> LoopState:
+    """Load everything `_save` wrote; the RNG comes last so nothing after it consumes randomness."""
+    saved = ckpt.read_state(directory)
+    if saved.get("world_size", 1) != topology.world_size and not isinstance(engine, PlainEngine):
+        raise InvalidInputError(f"checkpoint was written by {saved['world_size']} processes; ZeRO state needs "
+                                f"the same number, not {topology.world_size}", where=str(directory))
+    if isinstance(engine, PlainEngine):
+        trained = ckpt.load_weights(directory / ckpt.WEIGHTS_FILE)
+        params = dict(engine.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trained.items():
+                params[name].copy_(value)
+    engine.load(directory)
+    extra = torch.load(directory / "scheduler.pt", weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
+    load_adalora_state(engine.model, extra.get("adalora"))
+    guard.load_state_dict(saved.get("guard", {}))
+    state = LoopState(step=saved["step"], tokens=saved.get("tokens", 0), last_loss=saved.get("last_loss", float("nan")),
+                      eval_loss=saved.get("eval_loss"))
+    ckpt.load_rng(directory, topology.rank)
+    return state
