@@ -1,39 +1,10 @@
-"""Fixtures for the data-pipeline and storage tests: a real S3 endpoint (moto) on 127.0.0.1 and tiny tokenizers."""
+"""Fixtures for the data-pipeline and storage tests: tiny tokenizers and a real-data subset (S3 fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """One moto S3 server for the session, on a free port of 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """A fresh bucket on the moto server, with the environment pointing boto3 at it; returns its name."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "glmtune-cache"))
-    from glmtune.storage import s3_client
-
-    name = f"bucket-{uuid.uuid4().hex[:12]}"
-    s3_client().create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture(scope="session")

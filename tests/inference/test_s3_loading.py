@@ -15,21 +15,16 @@ from glmtune.errors import InvalidInputError
 
 
 @pytest.fixture(scope="module")
-def bucket() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def bucket(moto_endpoint: str) -> Iterator[str]:
+    """One bucket for the module (the exports are large to upload), boto3's environment pointing at moto."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        env.setenv("AWS_ENDPOINT_URL", moto_endpoint)
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         name = f"models-{uuid.uuid4().hex[:8]}"
         storage.s3_client().create_bucket(Bucket=name)
         yield name
-    server.stop()
 
 
 def greedy(model, query):

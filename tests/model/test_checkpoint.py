@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -222,26 +221,6 @@ def test_model_is_built_without_allocating_weights() -> None:
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) > 6_000_000_000
     assert time.perf_counter() - started < 5
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch, tmp_path) -> str:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache"))
-    from glmtune.storage import s3_client
-
-    name = f"models-{uuid.uuid4().hex[:8]}"
-    s3_client().create_bucket(Bucket=name)
-    yield name
-    server.stop()
 
 
 def test_s3_uri_is_downloaded_and_loaded(tmp_path, tokenizers, s3_bucket: str) -> None:

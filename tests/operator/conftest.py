@@ -47,18 +47,6 @@ def cluster(pytorchjob_crd: dict[str, Any]) -> Iterator[EmulatedCluster]:
     running.stop()
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 for the session."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(moto_endpoint: str) -> Any:
     """A boto3 client on moto; tests create uniquely named buckets with `new_bucket`."""

@@ -156,23 +156,10 @@ def test_a_wrong_family_key_is_invalid_input(real_dir: Path, tmp_path: Path) -> 
         load_tokenizer(directory)
 
 
-def test_load_from_s3_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok3) -> None:
-    from moto.server import ThreadedMotoServer
+def test_load_from_s3_prefix(tmp_path: Path, s3_bucket: str, tok3) -> None:
+    from glmtune.storage import upload_dir
 
-    from glmtune.storage import s3_client, upload_dir
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "GLMTUNE_CACHE": str(tmp_path / "cache")}.items():
-            monkeypatch.setenv(key, value)
-        s3_client().create_bucket(Bucket="tokenizers")
-        tok3.save_pretrained(tmp_path / "local")
-        upload_dir(tmp_path / "local", "s3://tokenizers/chatglm3")
-        loaded = load_tokenizer("s3://tokenizers/chatglm3")
-        assert loaded.family == "v3" and loaded.encode("你好<|user|>") == tok3.encode("你好<|user|>")
-    finally:
-        server.stop()
+    tok3.save_pretrained(tmp_path / "local")
+    upload_dir(tmp_path / "local", f"s3://{s3_bucket}/chatglm3")
+    loaded = load_tokenizer(f"s3://{s3_bucket}/chatglm3")
+    assert loaded.family == "v3" and loaded.encode("你好<|user|>") == tok3.encode("你好<|user|>")

@@ -81,12 +81,12 @@ def test_full_training_has_no_adapter_to_export(make_spec, tmp_path: Path) -> No
         export(checkpoint, str(tmp_path / "out"), "adapter")
 
 
-def test_export_to_s3_marks_completion_last_and_a_retry_completes(lora_checkpoint: Path, bucket: str,
+def test_export_to_s3_marks_completion_last_and_a_retry_completes(lora_checkpoint: Path, s3_bucket: str,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
     import boto3.s3.transfer
 
-    uri = f"s3://{bucket}/models/m1"
+    uri = f"s3://{s3_bucket}/models/m1"
     original = boto3.s3.transfer.S3Transfer.upload_file
     calls = {"n": 0}
 

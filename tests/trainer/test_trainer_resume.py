@@ -48,8 +48,8 @@ def test_resume_never_starts_from_scratch(make_spec, tmp_path: Path) -> None:
 
 
 def test_checkpoints_are_mirrored_to_s3_and_resume_auto_fetches_the_newest(make_spec, tmp_path: Path,
-                                                                           bucket: str) -> None:
-    mirror = f"s3://{bucket}/ckpt"
+                                                                           s3_bucket: str) -> None:
+    mirror = f"s3://{s3_bucket}/ckpt"
     spec = make_spec("lora", maxSteps=4, checkpoint={"everySteps": 2, "mirrorUri": mirror})
     straight = train(make_spec("lora", maxSteps=4), tmp_path / "straight")
     train(spec, tmp_path / "pod-1", stop_after=2)
