@@ -5,7 +5,8 @@ On alpaca_zh (3,243 valid samples) with the real ChatGLM-6B tokenizer, max lengt
   * padding efficiency = real / computed tokens for pad-to-max (the seed), dynamic padding (shuffled
     batches, with and without length grouping) and packing;
   * peak RSS of a process streaming every batch of a 10x replicated copy vs the 1x copy.
-Run: `python bench/bench_data.py [--shared ../shared] [--batch-size 4]`; prints a Markdown table and JSON.
+Run: `python bench/bench_data.py [--shared ../shared] [--batch-size 4]`; prints a Markdown table and JSON and
+appends the table to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results import record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,6 +86,7 @@ def main() -> int:
     )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     data = args.shared / "data" / "alpaca_zh_0-3252.json"
     tokenizer = args.shared / "reference" / "vectors" / "tokenizers" / "chatglm6b"
@@ -128,16 +132,21 @@ def main() -> int:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("| metric | value |\n|---|---|")
-    print(f"| build, 2 workers (samples/s) | {result['build_samples_per_s_2_workers']:.0f} |")
-    print(f"| build, 1 worker (samples/s) | {result['build_samples_per_s_1_worker']:.0f} |")
-    print(f"| build 10x copy, 2 workers (samples/s) | {result['build_samples_per_s_2_workers_10x']:.0f} |")
+    lines = ["| metric | value |", "|---|---|"]
+    lines.append(f"| build, 2 workers (samples/s) | {result['build_samples_per_s_2_workers']:.0f} |")
+    lines.append(f"| build, 1 worker (samples/s) | {result['build_samples_per_s_1_worker']:.0f} |")
+    lines.append(f"| build 10x copy, 2 workers (samples/s) | {result['build_samples_per_s_2_workers_10x']:.0f} |")
     for name, value in result["padding_efficiency"].items():
-        print(f"| padding efficiency, {name} | {value:.1%} |")
-    print(
+        lines.append(f"| padding efficiency, {name} | {value:.1%} |")
+    lines.append(
         f"| peak RSS streaming 1x / 10x (MiB) | {rss_1['peak_rss_mib']:.0f} / {rss_10['peak_rss_mib']:.0f} "
         f"(ratio {result['peak_rss_ratio_10x_vs_1x']:.3f}) |"
     )
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_record:
+        record("bench_data.py", "alpaca_zh_0-3252.json, real ice_text tokenizer, max length 1024, "
+               f"{result['samples']} samples; targets: packing >= 97%, 10x/1x streaming RSS <= 1.2\n\n{table}")
     print(json.dumps(result, indent=2))
     return 0
 

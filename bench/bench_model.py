@@ -11,18 +11,13 @@ with the date, command and machine, to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nOne section per run: date, command, machine, numbers (bench/*.py append here).\n"
+from results import record
 
 
 def build_model(args: argparse.Namespace, attn_impl: str):
@@ -100,16 +95,6 @@ WORKERS = {
 }
 
 
-def machine() -> str:
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus (load average {load} at the end), "
-            f"OMP_NUM_THREADS={threads}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -125,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="generation prompt length (the cache saves re-running it; at 64 the lm_head dominates)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these measurements")
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -163,14 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join([config, "", *lines, "", *ratios])
     print("\n" + report)
     if not args.no_record:
-        command = "python bench/bench_model.py " + " ".join(forwarded)
-        section = (f"\n## {datetime.datetime.now().isoformat(timespec='seconds')} bench_model.py\n\n"
-                   f"command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} {command.strip()}`  \n"
-                   f"machine: {machine()}\n\n{report}\n")
-        existing = RESULTS.read_text() if RESULTS.exists() else HEADER
-        tmp = RESULTS.with_suffix(".md.tmp")
-        tmp.write_text(existing + section)
-        tmp.replace(RESULTS)
+        record("bench_model.py", report, forwarded)
     return 0
 
 

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from results import record
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "operator"))  # the emulator lives with the tests
@@ -138,6 +139,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=100, help="GLMFineTunes applied at once")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds to wait before counting requests")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args()
     results = measure(args.count, args.settle)
     text = json.dumps(results, indent=2)
@@ -145,6 +147,11 @@ def main() -> int:
     if args.json:
         args.json.write_text(text + "\n")
     ok = results["all_jobs_seconds"] <= 30 and results["duplicate_jobs"] == 0 and results["missing_jobs"] == 0
+    if not args.no_record:
+        rows = "\n".join(f"| {key} | {value} |" for key, value in results.items() if not isinstance(value, dict | list))
+        record("bench_operator.py", f"{args.count} GLMFineTunes applied at once to the emulator, real operator "
+               f"subprocess, harness not training; targets: all jobs <= 30 s, 0 duplicates\n\n| measure | value |\n"
+               f"|---|---|\n{rows}")
     print(f"{'PASS' if ok else 'FAIL'}: {results['resources']} resources -> all jobs in "
           f"{results['all_jobs_seconds']}s, {results['duplicate_jobs']} duplicates, "
           f"{results['operator_requests_per_resource']} API requests per resource", file=sys.stderr)

@@ -8,17 +8,15 @@ so the timings, then differ). Random weights answer greedy requests with special
 requests sample (temperature 1, top_p 1, a seed each); the server runs as `glmtune serve` in its own process,
 as deployed, and the clients (httpx, streaming) in this one.
 
-    OMP_NUM_THREADS=2 python bench/bench_serve.py            # prints a table; --record appends it to RESULTS.md
+    OMP_NUM_THREADS=2 python bench/bench_serve.py            # prints a table and appends it to RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -28,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from results import record
+
 REAL_V1_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/reference/vectors/tokenizers/chatglm6b"
 QUERIES = ("你好", "从南京到上海的路线", "请介绍一下你自己。", "什么是机器学习？", "如何学习编程？",
            "请帮我写一首关于春天的诗。", "今天天气怎么样？", "健康的生活方式包括哪些？")
@@ -131,10 +130,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from glmtune_inference.loading import load_served_models
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -164,14 +162,8 @@ def main() -> int:
         f"{args.clients} clients vs 1: {ratio:.2f}x (target >= 4x)",
     ])
     print(table)
-    if args.record:
-        machine = (f"{platform.node() and 'vm'} {platform.machine()} {os.cpu_count()} cpus, "
-                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads), python {platform.python_version()}")
-        stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
-        command = "python " + " ".join(["bench/bench_serve.py", *sys.argv[1:]])
-        with RESULTS.open("a", encoding="utf-8") as handle:
-            handle.write(f"\n## {stamp} bench_serve.py\n\ncommand: `{command}`  \nmachine: {machine}\n\n{table}\n")
+    if not args.no_record:
+        record("bench_serve.py", table)
     return 0
 
 

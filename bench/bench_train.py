@@ -13,10 +13,8 @@ k · N · real tokens/s ÷ the measured fp32 GEMM peak (k 4 for LoRA, 6 for full
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from results import record
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "RESULTS.md"
 SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 TOKENIZER = SHARED / "reference" / "vectors" / "tokenizers" / "chatglm6b"
 DATA = SHARED / "data" / "alpaca_zh_0-3252.json"
@@ -162,12 +160,6 @@ def paper_memory(batch: int = 1, length: int = 128, pre_seq_len: int = 128, rank
             f"ptv2 int4 with this workload):\n\n" + "\n".join(rows))
 
 
-def machine() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, OMP_NUM_THREADS={threads}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=256, help="alpaca_zh samples (default 256)")
@@ -176,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--only", action="append", help="seed-lora, glmtune-lora, seed-full, glmtune-full")
     parser.add_argument("--work", type=Path, help="folder for the model and records (default: a temp folder)")
-    parser.add_argument("--no-record", action="store_true", help=f"do not append to {RESULTS.name}")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -235,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     table += "\n\n" + paper_memory()
     print(f"{setup}\n\n{table}")
     if not args.no_record:
-        stamp = datetime.datetime.now().isoformat(timespec="seconds")
-        command = " ".join(["python", "bench/bench_train.py", *(argv if argv is not None else sys.argv[1:])])
-        section = f"\n## {stamp} bench_train.py\n\ncommand: `{command}`  \nmachine: {machine()}\n\n{setup}\n\n{table}\n"
-        existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        tmp_file = RESULTS.with_suffix(".md.tmp")
-        tmp_file.write_text(existing + section)
-        tmp_file.replace(RESULTS)
+        record("bench_train.py", f"{setup}\n\n{table}", argv)
     return 0
 
 
