@@ -148,7 +148,8 @@ def main() -> int:
         args.json.write_text(text + "\n")
     ok = results["all_jobs_seconds"] <= 30 and results["duplicate_jobs"] == 0 and results["missing_jobs"] == 0
     if not args.no_record:
-        rows = "\n".join(f"| {key} | {value} |" for key, value in results.items() if not isinstance(value, dict | list))
+        rows = "\n".join(f"| {key} | {value} |" for key, value in results.items()
+                         if key != "operator_log" and not isinstance(value, dict | list))
         record("bench_operator.py", f"{args.count} GLMFineTunes applied at once to the emulator, real operator "
                f"subprocess, harness not training; targets: all jobs <= 30 s, 0 duplicates\n\n| measure | value |\n"
                f"|---|---|\n{rows}")
