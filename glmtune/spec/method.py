@@ -70,19 +70,10 @@ class PrefixTuningSpec(SpecModel):
 
     pre_seq_len: int = Field(32, gt=0, le=4096, description="Number of prefix tokens.")
     prefix_projection: bool = Field(
-        False, description="Encode the prefix through a two-layer MLP (Embedding → Linear → Tanh → Linear)."
+        False,
+        description="Encode the prefix through a two-layer MLP (Embedding → Linear → Tanh → Linear) as wide as "
+        "the model's hidden size.",
     )
-    prefix_hidden_size: int | None = Field(
-        None, gt=0, description="Hidden width of the projection MLP; default: the model's hidden size."
-    )
-
-    @model_validator(mode="after")
-    def _hidden_needs_projection(self) -> PrefixTuningSpec:
-        if self.prefix_hidden_size is not None and not self.prefix_projection:
-            raise SpecFieldError(
-                ("prefixHiddenSize",), "prefixHiddenSize only applies with prefixProjection: true"
-            )
-        return self
 
 
 class FreezeSpec(SpecModel):

@@ -50,6 +50,22 @@ _SPEC_RULES = [
         "rule": "self.output.export != 'adapter' || !has(self.output.bits)",
         "message": "output.bits re-quantizes a merged export; an adapter export has no base weights",
     },
+    {
+        "rule": "!(self.method.name == 'adalora' && has(self.training.deepspeed))",
+        "message": "adalora reallocates ranks from whole gradients, which DeepSpeed ZeRO shards: drop training.deepspeed",
+    },
+    {
+        "rule": "!(has(self.training.evaluation) && has(self.training.evaluation.generationMetrics)"
+        " && self.training.evaluation.generationMetrics && has(self.training.deepspeed)"
+        " && has(self.training.deepspeed.stage) && self.training.deepspeed.stage == 3)",
+        "message": "generationMetrics needs whole weights on every rank, which ZeRO-3 shards",
+    },
+    {
+        "rule": "!(has(self.training.evaluation) && has(self.training.evaluation.generationMetrics)"
+        " && self.training.evaluation.generationMetrics"
+        " && (!has(self.data.evalSplit) || self.data.evalSplit == 0.0))",
+        "message": "generationMetrics needs held-out samples: set data.evalSplit above 0",
+    },
 ]
 
 
@@ -135,6 +151,23 @@ class GLMFineTuneSpec(SpecModel):
         if output.export == "adapter" and method in ("full", "freeze"):
             raise SpecFieldError(
                 ("output", "export"), f"{method} training has no adapter to export: use export: merged"
+            )
+        if method == "adalora" and training.deepspeed is not None:
+            raise SpecFieldError(
+                ("training", "deepspeed"),
+                "adalora reallocates ranks from whole gradients, which DeepSpeed ZeRO shards: "
+                "train adalora without training.deepspeed",
+            )
+        if training.evaluation.generation_metrics and stage == 3:
+            raise SpecFieldError(
+                ("training", "evaluation", "generationMetrics"),
+                "generation needs whole weights on every rank, which ZeRO-3 shards: use stage 2 "
+                "or turn generationMetrics off",
+            )
+        if training.evaluation.generation_metrics and self.data.eval_split == 0:
+            raise SpecFieldError(
+                ("training", "evaluation", "generationMetrics"),
+                "generation metrics are computed on held-out samples: set data.evalSplit above 0",
             )
         if output.export == "adapter" and output.bits is not None:
             raise SpecFieldError(

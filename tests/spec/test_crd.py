@@ -283,6 +283,11 @@ def test_cross_field_rules_reach_the_crd() -> None:
     spec = _schema()["properties"]["spec"]
     messages = " ".join(rule["message"] for rule in spec["x-kubernetes-validations"])
     assert "ZeRO-3" in messages and "bitsandbytes" in messages and "adalora" in messages
+    rules = " ".join(rule["rule"] for rule in spec["x-kubernetes-validations"])
+    assert "self.method.name == 'adalora' && has(self.training.deepspeed)" in rules
+    assert rules.count("self.training.evaluation.generationMetrics") >= 2  # with ZeRO-3, without evalSplit
+    ptv2 = spec["properties"]["method"]["properties"]["ptv2"]["properties"]
+    assert "prefixHiddenSize" not in ptv2
     method_rules = [rule["rule"] for rule in spec["properties"]["method"]["x-kubernetes-validations"]]
     assert "!has(self.lora) || self.name == 'lora'" in method_rules
 

@@ -152,6 +152,33 @@ CASES = {
         bare("training:\n  deepspeed:\n    stage: 2\n    offloadParams: true  #!"),
         "spec.training.deepspeed.offloadParams",
     ),
+    "adalora_under_deepspeed": (
+        bare("method:\n  name: adalora\n  adalora: {totalStep: 100}",
+             "training:\n  deepspeed:  #!\n    stage: 2"),
+        "spec.training.deepspeed",
+    ),
+    "adalora_under_zero0": (
+        bare("method: {name: adalora}", "training:\n  maxSteps: 100\n  deepspeed: {stage: 0}  #!"),
+        "spec.training.deepspeed",
+    ),
+    "generation_metrics_under_zero3": (
+        bare("data: {sources: [a.json], evalSplit: 0.1}",
+             "training:\n  deepspeed: {stage: 3}\n  evaluation:\n    generationMetrics: true  #!"),
+        "spec.training.evaluation.generationMetrics",
+    ),
+    "generation_metrics_without_held_out_split": (
+        bare("training:\n  evaluation: {everyEpoch: true, generationMetrics: true}  #!"),
+        "spec.training.evaluation.generationMetrics",
+    ),
+    "generation_metrics_with_zero_eval_split": (
+        bare("data:\n  sources: [a.json]\n  evalSplit: 0",
+             "training:\n  evaluation:\n    generationMetrics: true  #!"),
+        "spec.training.evaluation.generationMetrics",
+    ),
+    "ptv2_prefix_hidden_size_is_gone": (
+        bare("method:\n  name: ptv2\n  ptv2:\n    prefixProjection: true\n    prefixHiddenSize: 512  #!"),
+        "spec.method.ptv2.prefixHiddenSize",
+    ),
     "memory_not_a_quantity": (
         bare("resources:\n  memory: lots  #!"),
         "spec.resources.memory",

@@ -1,4 +1,4 @@
-"""The run's batches: records built once (by rank 0), split into train / held-out, served per rank.
+"""The run's batches: records built once per work dir (by its writer), split into train / held-out, served per rank.
 
 Builds go through `glmtune_trainer.data` (content-hash cache, manifest last); this module only decides
 the split and hands the loop a `BatchSource` whose epoch order is a pure function of (seed, epoch).
@@ -89,8 +89,12 @@ class RecordBatchSource:
 
 
 def build_batch_source(spec: Any, base: dict[str, Any], workdir: Path, topology: Topology,
-                       rank0_prepares: Callable) -> RecordBatchSource:
-    """Build (rank 0) or wait for (other ranks) the records of `spec.data`, then serve this rank's part."""
+                       prepare_once: Callable) -> RecordBatchSource:
+    """Build or wait for the records of `spec.data`, then serve this rank's part.
+
+    `prepare_once(topology, marker, build)` runs `build` in one process per work dir and hands its result
+    (the records folder) to the others through `marker`.
+    """
     from glmtune_trainer.data.build import BuildConfig, build_records, read_manifest
     from glmtune_trainer.data.dataset import RecordDataset
 
@@ -106,7 +110,7 @@ def build_batch_source(spec: Any, base: dict[str, Any], workdir: Path, topology:
         )
         return str(build_records(config).out)
 
-    directory = Path(rank0_prepares(topology, workdir / ".prepared-records.json", build))
+    directory = Path(prepare_once(topology, workdir / ".prepared-records.json", build))
     names = list(read_manifest(directory)["datasets"])
     sets = [RecordDataset(directory, name) for name in names]
     count = sum(len(s) for s in sets)

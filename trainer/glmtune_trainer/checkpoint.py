@@ -2,8 +2,10 @@
 
 A checkpoint is written into `.tmp-step-N` and renamed to `step-N` once every rank has finished, so a
 directory named `step-N` is always complete. It holds the trained weights (`model.safetensors`, only the
-parameters that train), the engine state (optimizer / ZeRO partitions), per-rank RNG states and
+parameters that train), the engine state (optimizer / ZeRO partitions), every rank's RNG state and
 `trainer_state.json` (step, data position, guard counters, scheduler) — enough to continue bit for bit.
+Each work dir has one writer (see `distributed`): nodes that do not share storage each keep a complete
+copy of the replicated state plus every rank's RNG, so each resumes from its own disk; global rank 0 mirrors.
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(c for c in found if (c[1] / STATE_FILE).is_file())
 
 
-def prepare_tmp_dir(root: Path, step: int, is_main: bool) -> Path:
-    """The temporary directory every rank writes checkpoint `step` into (rank 0 creates it fresh)."""
+def prepare_tmp_dir(root: Path, step: int, writer: bool) -> Path:
+    """The temporary directory every rank writes checkpoint `step` into (the work dir's writer makes it fresh)."""
     tmp = root / f".tmp-{step_dir_name(step)}"
-    if is_main:
+    if writer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -88,8 +90,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_rng(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
+def save_rng(directory: Path, rank: int, state: dict[str, Any]) -> None:
+    """Rank `rank`'s generator states (gathered from that rank by the writer)."""
+    torch.save(state, directory / f"rng-rank{rank}.pt")
 
 
 def load_rng(directory: Path, rank: int) -> None:
@@ -101,7 +104,7 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 def finalize(root: Path, tmp: Path, step: int, keep_last: int, mirror_uri: str | None) -> Path:
-    """Rank 0, after every rank wrote into `tmp`: rename into place, prune, mirror. Returns the directory."""
+    """The writer, after every rank wrote into `tmp`: rename into place, prune, mirror. Returns the directory."""
     final = root / step_dir_name(step)
     if final.exists():
         shutil.rmtree(final)
@@ -125,32 +128,37 @@ def _mirror_steps(mirror_uri: str) -> list[int]:
     return sorted(steps)
 
 
-def resolve_resume(resume: str, root: Path, mirror_uri: str | None) -> Path | None:
-    """The checkpoint directory to resume from: `auto` = newest of local and mirror, `never`, or a location."""
-    if resume == "never":
-        return None
-    if resume != "auto":
-        path = storage.fetch(resume, require_manifest=storage.is_s3_uri(resume))
-        if not (Path(path) / STATE_FILE).is_file():
-            raise InvalidInputError(f"not a training checkpoint ({STATE_FILE} missing)",
-                                    where="spec.training.checkpoint.resume")
-        return Path(path)
-    local = list_checkpoints(root)
-    best_local = local[-1] if local else None
-    if mirror_uri:
-        remote = _mirror_steps(mirror_uri)
-        if remote and (best_local is None or remote[-1] > best_local[0]):
-            name = step_dir_name(remote[-1])
-            target = root / name
-            root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
-            storage.download_prefix(f"{mirror_uri.rstrip('/')}/{name}", staging)
-            storage.verify_manifest(staging, display=f"{mirror_uri.rstrip('/')}/{name}")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-            return target
-    return best_local[1] if best_local else None
+def resolve_location(resume: str) -> Path:
+    """A checkpoint named by path or `s3://` URI (`training.checkpoint.resume`), fetched and checked."""
+    path = storage.fetch(resume, require_manifest=storage.is_s3_uri(resume))
+    if not (Path(path) / STATE_FILE).is_file():
+        raise InvalidInputError(f"not a training checkpoint ({STATE_FILE} missing)",
+                                where="spec.training.checkpoint.resume")
+    return Path(path)
+
+
+def available_steps(root: Path, mirror_uri: str | None) -> list[int]:
+    """Steps this work dir can resume from: complete local checkpoints and complete mirrored ones."""
+    steps = {step for step, _path in list_checkpoints(root)}
+    return sorted(steps | set(_mirror_steps(mirror_uri) if mirror_uri else ()))
+
+
+def materialise(root: Path, step: int, mirror_uri: str | None) -> Path:
+    """Checkpoint `step` under `root`: the local copy if complete, else downloaded from the mirror first."""
+    target = root / step_dir_name(step)
+    if (target / STATE_FILE).is_file():
+        return target
+    if not mirror_uri:
+        raise InvalidInputError(f"no complete checkpoint {target.name} here or in a mirror", where=str(root))
+    remote = f"{mirror_uri.rstrip('/')}/{target.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    storage.download_prefix(remote, staging)
+    storage.verify_manifest(staging, display=remote)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    return target
 
 
 def read_state(directory: Path) -> dict[str, Any]:

@@ -3,8 +3,13 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK per process. A PyTorchJob pod started without torchrun
 gets the pod-level MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK and PET_NNODES / PET_NPROC_PER_NODE /
 PET_NODE_RANK; `torchrun_command` turns those into a torchrun launch so one pod command fits both.
-Rank 0 prepares data while the others wait on a file (not on a collective), so slow preprocessing never
-trips a gloo/NCCL timeout.
+
+Work-dir rule (one writer per directory): every node has its own work dir (a PyTorchJob pod's emptyDir)
+unless the nodes share one (a ReadWriteMany volume). `work_dir_roles` finds out at start-up with a probe
+file per node, and makes the local rank 0 of the lowest node that sees a directory its only writer: it
+prepares the base model and the records there and writes the checkpoint files that belong in it. Every
+other process waits on a marker in its OWN work dir (a file, not a collective, so slow preprocessing never
+trips a gloo/NCCL timeout), so no process ever waits on a file written only on another node.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import os
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,15 +30,17 @@ import torch.distributed as dist
 from glmtune.errors import GlmtuneError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
+PROBE_PREFIX = ".node-probe-"
 
 
 @dataclass(frozen=True)
 class Topology:
-    """Where this process sits: global rank, world size, rank on its node."""
+    """Where this process sits: global rank, world size, rank on its node, and its node."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    node_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -49,7 +58,62 @@ def read_topology(env: dict[str, str] | None = None) -> Topology:
         rank=int(env.get("RANK", "0")),
         world_size=int(env.get("WORLD_SIZE", "1")),
         local_rank=int(env.get("LOCAL_RANK", "0")),
+        # torchrun's GROUP_RANK is the node's rank in the rendezvous; PET_NODE_RANK is what a pod was given.
+        node_rank=int(env.get("GROUP_RANK", env.get("PET_NODE_RANK", "0"))),
     )
+
+
+@dataclass(frozen=True)
+class WorkDirRoles:
+    """Who writes into this process's work dir: the local rank 0 of `owner_node`, the lowest node sharing it."""
+
+    writer: bool
+    owner_node: int
+    all_shared: bool  # every node sees the same work dir (node 0's)
+
+
+def work_dir_roles(topology: Topology, workdir: Path) -> WorkDirRoles:
+    """Probe which nodes share `workdir`: each node's local rank 0 touches a file, then looks for the others'."""
+    if not topology.distributed:
+        return WorkDirRoles(writer=True, owner_node=topology.node_rank, all_shared=True)
+    box = [uuid.uuid4().hex if topology.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    stem = f"{PROBE_PREFIX}{box[0]}-"
+    probe = workdir / f"{stem}{topology.node_rank}"
+    if topology.local_rank == 0:
+        probe.touch()
+    barrier()
+    seen = None
+    if topology.local_rank == 0:
+        seen = sorted(int(found.name[len(stem):]) for found in workdir.glob(f"{stem}*"))
+    gathered = [(node, nodes) for node, nodes in gather_objects((topology.node_rank, seen)) if nodes is not None]
+    views = dict(gathered)
+    if len(views) != len(gathered) or topology.node_rank not in views:
+        raise GlmtuneError("several processes claim local rank 0 of the same node: launch with torchrun, which "
+                           "sets GROUP_RANK and LOCAL_RANK per process")
+    if topology.local_rank == 0:
+        probe.unlink()  # everyone has looked: all_gather returned only after every rank contributed
+    owner = min(views[topology.node_rank])
+    return WorkDirRoles(writer=topology.local_rank == 0 and owner == topology.node_rank, owner_node=owner,
+                        all_shared=all(min(nodes) == 0 for nodes in views.values()))
+
+
+def gather_objects(value: object) -> list:
+    """Every rank's `value`, in rank order ([value] in a single process)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def per_directory(topology: Topology, roles: WorkDirRoles, compute: Callable[[], object]) -> object:
+    """`compute()` run by the writer of each work dir; every rank gets the value of its own dir's writer."""
+    value = compute() if roles.writer else None
+    if not topology.distributed:
+        return value
+    found = {node: got for node, writer, got in gather_objects((topology.node_rank, roles.writer, value)) if writer}
+    return found[roles.owner_node]
 
 
 def torchrun_command(argv: list[str], env: dict[str, str] | None = None) -> list[str] | None:
@@ -104,12 +168,12 @@ def all_reduce_sum(value: float, device: torch.device | None = None) -> float:
     return float(tensor.item())
 
 
-def wait_for_file(path: Path, timeout_s: float, poll_s: float = 0.5) -> None:
-    """Block until `path` exists (written by rank 0), or fail naming it after `timeout_s`."""
+def wait_for_file(path: Path, timeout_s: float, poll_s: float = 0.5, writer: str = "rank 0") -> None:
+    """Block until `path` exists (written by `writer`), or fail naming it after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
-            raise GlmtuneError(f"timed out after {timeout_s:.0f}s waiting for rank 0 to write {path}")
+            raise GlmtuneError(f"timed out after {timeout_s:.0f}s waiting for {writer} to write {path}")
         time.sleep(poll_s)
 
 

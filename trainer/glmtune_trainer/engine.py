@@ -118,9 +118,9 @@ class PlainEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, directory: Path, is_main: bool) -> None:
-        """Optimizer (and scaler) state; identical on every DDP rank, so rank 0 writes it."""
-        if is_main:
+    def save(self, directory: Path, writer: bool) -> None:
+        """Optimizer (and scaler) state; identical on every DDP rank, so each work dir's writer writes it."""
+        if writer:
             state = {"optimizer": self.optimizer.state_dict()}
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
@@ -183,7 +183,7 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def save(self, directory: Path, is_main: bool) -> None:
+    def save(self, directory: Path, writer: bool) -> None:
         """Every rank writes its ZeRO partition (frozen base weights are rebuilt from the base model)."""
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=True)
 

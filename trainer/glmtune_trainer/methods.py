@@ -19,17 +19,11 @@ _LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
 PREFIX_KEY = "transformer.prefix_encoder."
 
 
-def load_overrides(method: Any, hidden_size: int | None = None) -> dict[str, Any]:
+def load_overrides(method: Any) -> dict[str, Any]:
     """Config overrides the base model must be loaded with for `method` (ptv2 adds the prefix encoder)."""
     if method.name != "ptv2":
         return {}
     ptv2 = method.ptv2
-    if ptv2.prefix_hidden_size is not None and hidden_size is not None and ptv2.prefix_hidden_size != hidden_size:
-        raise InvalidInputError(
-            f"ChatGLM's prefix encoder projects through the model's hidden size ({hidden_size}); "
-            "remove prefixHiddenSize or set it to that value",
-            where="spec.method.ptv2.prefixHiddenSize",
-        )
     return {"pre_seq_len": ptv2.pre_seq_len, "prefix_projection": ptv2.prefix_projection}
 
 

@@ -1,4 +1,4 @@
-"""The base model of a run: resolved (downloaded or created) once by rank 0, loaded by every rank.
+"""The base model of a run: resolved (downloaded or created) once per work dir, loaded by every rank.
 
 Also the one place that reads trained weights back out of an engine in fp32 (DeepSpeed keeps the
 master copy inside its optimizer, and ZeRO-3 shards it), for checkpoints and export.
@@ -51,7 +51,6 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
                                  else PRECISION_DTYPES[spec.spec.training.precision]),
         "glmtune_bits": quant.bits if quant is not None and quant.backend == "glmtune" else None,
         "bnb_bits": quant.bits if quant is not None and quant.backend == "bitsandbytes" else None,
-        "hidden_size": int(config.get("hidden_size", 0)),
     }
 
 

@@ -4,6 +4,15 @@ Engine choice: a small explicit loop (`loop.fit` / `loop.validate`) over torch D
 `deepspeed.initialize`, not transformers' Trainer. Every step's data is a pure function of (seed, step),
 the loss is normalised by the step's global token count, and the NaN guard decides before the optimizer
 runs — which is what makes kill -9 resume bit-identical and DDP/ZeRO match single-process training.
+
+Across nodes (see `distributed.work_dir_roles`): the base model and the records are prepared once per
+work dir, by the local rank 0 of the lowest node that sees it, and the others wait on a marker in their
+own work dir. Node-local work dirs therefore each get their own (byte-identical, deterministic) build,
+which `data.cache` makes a download instead of a rebuild; a shared work dir is built once, by node 0.
+Checkpoints follow the same rule: the writer of each work dir saves the replicated state plus every rank's
+RNG, so each node resumes from its own copy (or the mirror, written by global rank 0) at the newest step
+every node has. ZeRO shards optimizer state per rank and every rank reads all shards on resume, so ZeRO
+over several nodes fails at start unless they share the work dir.
 """
 
 from __future__ import annotations
@@ -17,16 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from glmtune.errors import InvalidInputError
+from glmtune.errors import GlmtuneError, InvalidInputError
 from glmtune_trainer import checkpoint as ckpt
 from glmtune_trainer.distributed import (
     Topology,
+    WorkDirRoles,
     barrier,
     deepspeed_config,
     device_for,
+    gather_objects,
     init_distributed,
+    per_directory,
     read_topology,
     wait_for_file,
+    work_dir_roles,
 )
 from glmtune_trainer.engine import CausalLMLoss, DeepSpeedEngine, PlainEngine
 from glmtune_trainer.export import ExportResult, export
@@ -61,32 +74,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rank0_prepares(topology: Topology, marker: Path, prepare: Any) -> Any:
-    """Rank 0 runs `prepare()` and writes `marker` (JSON); the others wait on the file, not a collective.
+def _prepare_once(topology: Topology, roles: WorkDirRoles, marker: Path, prepare: Any) -> Any:
+    """The work dir's writer runs `prepare()` and writes `marker` (JSON); the others wait on that file.
 
     A marker left by an earlier launch is removed between two barriers first, so nobody reads it.
     """
     if not topology.distributed:
         return prepare()
     barrier()
-    if topology.is_main:
+    if roles.writer:
         marker.unlink(missing_ok=True)
     barrier()
-    if topology.is_main:
+    if roles.writer:
         value = prepare()
         ckpt.write_json(marker, {"value": value})
         return value
-    wait_for_file(marker, PREP_TIMEOUT_S)
+    wait_for_file(marker, PREP_TIMEOUT_S, writer=f"local rank 0 of node {roles.owner_node}")
     return json.loads(marker.read_text(encoding="utf-8"))["value"]
 
 
-def _rank0_decides(topology: Topology, decide: Any) -> Any:
-    """A quick decision taken by rank 0 and broadcast to every rank."""
-    if not topology.distributed:
-        return decide()
-    box = [decide() if topology.is_main else None]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+def _check_visible(path: str, roles: WorkDirRoles, topology: Topology) -> None:
+    """A path prepared by another node's writer must exist here too (shared work dir, unshared cache)."""
+    if not Path(path).exists():
+        raise GlmtuneError(f"node {topology.node_rank} shares its work dir with node {roles.owner_node} but cannot "
+                           f"see {path}, which that node prepared: mount GLMTUNE_CACHE and the work dir from the "
+                           "same shared storage at the same paths on every node")
+
+
+def _check_nodes(spec: Any, roles: WorkDirRoles) -> None:
+    """Fail before any work when the nodes' work dirs cannot hold this run's checkpoints."""
+    if spec.spec.training.deepspeed is not None and not roles.all_shared:
+        raise InvalidInputError(
+            "DeepSpeed ZeRO across nodes needs one work dir shared by every node: each rank writes its own "
+            "optimizer shard and on resume every rank reads all of them. Put --workdir / GLMTUNE_WORKDIR on a "
+            "ReadWriteMany volume, or train without training.deepspeed (plain DDP works with per-node work dirs)",
+            where="spec.training.deepspeed")
+
+
+def _resume_from(cp: Any, root: Path, topology: Topology, roles: WorkDirRoles) -> Path | None:
+    """This rank's checkpoint to resume from: the same step for every node, each read from its own work dir."""
+    if cp.resume == "never":
+        return None
+    if cp.resume != "auto":
+        return Path(per_directory(topology, roles, lambda: str(ckpt.resolve_location(cp.resume))))
+    offers = [set(steps) for steps in gather_objects(ckpt.available_steps(root, cp.mirror_uri) if roles.writer
+                                                     else None) if steps is not None]
+    common = set.intersection(*offers)
+    if not common:
+        return None
+    step = max(common)
+    return Path(per_directory(topology, roles, lambda: str(ckpt.materialise(root, step, cp.mirror_uri))))
 
 
 def _run_description(spec: Any, base: dict[str, Any], total_steps: int) -> dict[str, Any]:
@@ -109,9 +146,6 @@ def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device:
         model.to(device)
         return PlainEngine(CausalLMLoss(model), optimizer, training.precision, training.max_grad_norm, device,
                            topology.distributed)
-    if spec.spec.method.name == "adalora":
-        raise InvalidInputError("AdaLoRA reallocates ranks from full gradients, which ZeRO shards: "
-                                "train adalora without deepspeed", where="spec.training.deepspeed")
     config = deepspeed_config(
         ds.stage, micro_batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
         world_size=topology.world_size, max_grad_norm=training.max_grad_norm, precision=training.precision,
@@ -134,13 +168,22 @@ def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_afte
     device = device_for(topology)
     training = spec.spec.training
     workdir.mkdir(parents=True, exist_ok=True)
+    roles = work_dir_roles(topology, workdir)
+    _check_nodes(spec, roles)
     seed_everything(training.seed)
-    base = _rank0_prepares(topology, workdir / ".prepared-model.json", lambda: prepare_base_model(spec, workdir))
+
+    def prepare_once(topo: Topology, marker: Path, prepare: Any) -> Any:
+        value = _prepare_once(topo, roles, marker, prepare)
+        if not roles.writer:
+            _check_visible(value["path"] if isinstance(value, dict) else value, roles, topo)
+        return value
+
+    base = prepare_once(topology, workdir / ".prepared-model.json", lambda: prepare_base_model(spec, workdir))
     if source is None:
-        source = build_batch_source(spec, base, workdir, topology, _rank0_prepares)
+        source = build_batch_source(spec, base, workdir, topology, prepare_once)
     per_epoch, total = plan_steps(source.num_micro_batches(), training.gradient_accumulation_steps,
                                   training.epochs, training.max_steps)
-    model = load_training_model(base, load_overrides(spec.spec.method, base["hidden_size"]))
+    model = load_training_model(base, load_overrides(spec.spec.method))
     model = apply_method(model, spec.spec.method, total)
     if training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -154,14 +197,13 @@ def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_afte
     run_info = _run_description(spec, base, total)
     state = LoopState()
     cp = training.checkpoint
-    resume_from = _rank0_decides(
-        topology, lambda: str(p) if (p := ckpt.resolve_resume(cp.resume, root, cp.mirror_uri)) else None)
+    resume_from = _resume_from(cp, root, topology, roles)
     if resume_from:
         state = _resume(Path(resume_from), engine, scheduler, guard, topology)
     metrics = MetricsLogger(workdir / "logs", total, state.step, enabled=topology.is_main)
 
     def save(loop_state: LoopState) -> None:
-        _save(root, loop_state, engine, scheduler, guard, topology, run_info, cp)
+        _save(root, loop_state, engine, scheduler, guard, topology, roles, run_info, cp)
 
     try:
         state = fit(engine, source, scheduler, guard,
@@ -190,12 +232,6 @@ def _generation_eval(spec: Any, engine: Any, source: Any, base: dict[str, Any], 
     training = spec.spec.training
     if not training.evaluation.generation_metrics:
         return None
-    if training.deepspeed is not None and training.deepspeed.stage == 3:
-        raise InvalidInputError("generation needs whole weights on every rank, which ZeRO-3 shards: use stage 2 "
-                                "or turn generationMetrics off", where="spec.training.evaluation.generationMetrics")
-    if not hasattr(source, "eval_records"):
-        raise InvalidInputError("generation metrics need held-out records (data.evalSplit > 0)",
-                                where="spec.training.evaluation.generationMetrics")
     from glmtune.tokenization import load_tokenizer
     from glmtune_trainer.genmetrics import generation_scores, prompts_and_answers
 
@@ -211,23 +247,25 @@ def _scheduler(training: Any, engine: Any, total: int) -> Any:
 
 
 def _save(root: Path, state: LoopState, engine: Any, scheduler: Any, guard: NonFiniteGuard, topology: Topology,
-          run_info: dict[str, Any], cp: Any) -> None:
-    """Write checkpoint `state.step` atomically (all ranks take part)."""
-    tmp = ckpt.prepare_tmp_dir(root, state.step, topology.is_main)
+          roles: WorkDirRoles, run_info: dict[str, Any], cp: Any) -> None:
+    """Write checkpoint `state.step` atomically (all ranks take part; each work dir's writer finalises it)."""
+    tmp = ckpt.prepare_tmp_dir(root, state.step, roles.writer)
     barrier()
     weights = trainable_fp32_state(engine)
-    if topology.is_main:
+    rngs = gather_objects(ckpt.rng_state())
+    if roles.writer:
         ckpt.save_weights(tmp / ckpt.WEIGHTS_FILE, weights)
-    engine.save(tmp, topology.is_main)
-    ckpt.save_rng(tmp, topology.rank)
-    if topology.is_main:
+    engine.save(tmp, roles.writer)
+    if roles.writer:
+        for rank, rng in enumerate(rngs):
+            ckpt.save_rng(tmp, rank, rng)
         torch.save({"scheduler": scheduler.state_dict(), "adalora": adalora_state(engine.model)}, tmp / "scheduler.pt")
         ckpt.write_json(tmp / ckpt.RUN_FILE, {**run_info, "step": state.step})
         ckpt.write_json(tmp / ckpt.STATE_FILE, {**state.to_json(), "guard": guard.state_dict(),
                                                 "world_size": topology.world_size})
     barrier()
-    if topology.is_main:
-        ckpt.finalize(root, tmp, state.step, cp.keep_last, cp.mirror_uri)
+    if roles.writer:
+        ckpt.finalize(root, tmp, state.step, cp.keep_last, cp.mirror_uri if topology.is_main else None)
     barrier()
 
 
