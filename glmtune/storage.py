@@ -2,10 +2,14 @@
 
 A folder travels as files plus `glmtune-manifest.json` (sha256 and size per file), written and uploaded
 LAST, so a reader never mistakes a partial copy for a complete one. Torch-free; boto3 is imported lazily.
+The download cache may be shared (several processes or nodes on one volume): each entry is filled under an
+exclusive lock, so concurrent fetchers of one URI download it once and all get the complete folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -13,6 +17,8 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,20 +343,52 @@ def fetch(
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{bucket}_{prefix}")[-80:]
     target = cache_root / f"{hashlib.sha256(uri.encode()).hexdigest()[:16]}-{slug}"
     fingerprint = _listing_fingerprint(objects)
-    marker = target / _COMPLETE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("listing") == fingerprint:
-        return target / _relative_key(objects[0].key, prefix) if single else target
+    result = target / _relative_key(objects[0].key, prefix) if single else target
+    if _is_complete(target, fingerprint):
+        return result
     cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_root))
+    with _exclusive(cache_root / f".{target.name}.lock"):
+        if _is_complete(target, fingerprint):  # another fetcher finished it while we waited
+            return result
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_root))
+        try:
+            download_prefix(uri, staging)
+            if has_manifest:
+                verify_manifest(staging, display=uri)
+            atomic_write_json(staging / _COMPLETE_MARKER, {"uri": uri, "listing": fingerprint})
+            _install(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return result
+
+
+def _is_complete(target: Path, fingerprint: str) -> bool:
+    """True when `target` holds a finished download of the listing `fingerprint`."""
     try:
-        download_prefix(uri, staging)
-        if has_manifest:
-            verify_manifest(staging, display=uri)
-        atomic_write_json(staging / _COMPLETE_MARKER, {"uri": uri, "listing": fingerprint})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target / _relative_key(objects[0].key, prefix) if single else target
+        return json.loads((target / _COMPLETE_MARKER).read_text()).get("listing") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive `flock` on `lock_path` (kept, never deleted: deleting a lock file reopens the race)."""
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an outdated `target` is renamed aside first and removed after, so the
+    entry is missing only between two renames and files a reader already opened stay readable."""
+    stale = None
+    if target.exists():
+        stale = target.with_name(f".stale-{target.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(target, stale)
+    os.replace(staging, target)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -41,6 +41,15 @@ class ResourcesSpec(SpecModel):
     node_selector: dict[str, str] = Field({}, description="Node labels the pods must run on.")
     tolerations: list[Toleration] = Field([], description="Taints the pods tolerate.")
     priority_class_name: str | None = Field(None, description="PriorityClass of the training pods.")
+    workdir_claim: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ReadWriteMany PersistentVolumeClaim mounted by every training pod at `/workspace/shared`: "
+        "run N works in `<name>-<uid prefix>/run-<N>` on it and downloads are cached once in `cache/`. "
+        "Absent: a work dir per pod (emptyDir). Required for `training.deepspeed` on more than one node, "
+        "because every rank reads all ZeRO optimizer shards on resume.",
+    )
 
     @model_validator(mode="after")
     def _procs_fit_gpus(self) -> ResourcesSpec:

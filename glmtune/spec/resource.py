@@ -66,6 +66,12 @@ _SPEC_RULES = [
         " && (!has(self.data.evalSplit) || self.data.evalSplit == 0.0))",
         "message": "generationMetrics needs held-out samples: set data.evalSplit above 0",
     },
+    {
+        "rule": "!(has(self.training.deepspeed) && has(self.resources) && has(self.resources.nodes)"
+        " && self.resources.nodes > 1) || has(self.resources.workdirClaim)",
+        "message": "DeepSpeed on more than one node needs resources.workdirClaim (a ReadWriteMany claim): "
+        "every rank reads all ZeRO optimizer shards on resume",
+    },
 ]
 
 
@@ -173,6 +179,15 @@ class GLMFineTuneSpec(SpecModel):
             raise SpecFieldError(
                 ("output", "bits"),
                 "output.bits re-quantizes a merged export; an adapter export has no base weights",
+            )
+        resources = self.resources
+        if training.deepspeed is not None and resources.nodes > 1 and resources.workdir_claim is None:
+            raise SpecFieldError(
+                ("resources", "workdirClaim"),
+                f"DeepSpeed ZeRO on {resources.nodes} nodes needs one work dir shared by every pod: each rank "
+                "writes its own optimizer shard and on resume every rank reads all of them. Set "
+                "resources.workdirClaim to a ReadWriteMany PersistentVolumeClaim, or train without "
+                "training.deepspeed (plain DDP works with a work dir per pod)",
             )
         return self
 

@@ -4,6 +4,8 @@ One training run = a ConfigMap with the trainer's spec + a Kubeflow PyTorchJob (
 = a Deployment + Service running `glmtune serve` on the run's export. Every child is adopted by the
 GLMFineTune (owner reference, so deleting it garbage-collects them) and carries deterministic names and
 labels. `pvc://claim/path` URIs are mounted at `/mnt/pvc/<claim>` and rewritten to that local path.
+Training pods work in their own emptyDir, or, with `resources.workdirClaim`, in one folder per run on that
+shared claim (mounted at `/workspace/shared` in every pod, with the download cache beside the runs).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SERVER_CONTAINER = "server"
 SPEC_DIR = "/etc/glmtune"
 SPEC_FILE = "spec.yaml"
 WORKSPACE = "/workspace"
+SHARED_WORKSPACE = f"{WORKSPACE}/shared"
 PVC_ROOT = "/mnt/pvc"
 MASTER_PORT = 23456  # Kubeflow's default port, named `pytorchjob-port`
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -134,12 +137,34 @@ def _resources(cpu: str | None, memory: str | None, gpus: int) -> Manifest:
     return {key: value for key, value in (("requests", sized), ("limits", limits)) if value}
 
 
-def _replica(ft: GLMFineTune, run: int, replicas: int, settings: OperatorSettings, config_map: str) -> Manifest:
+def shared_workdir(ft: GLMFineTune, owner: Mapping[str, Any], run: int) -> str:
+    """Run `run`'s work dir on the `workdirClaim` volume; the uid keeps a re-created namesake off old checkpoints."""
+    return f"{SHARED_WORKSPACE}/{ft.name}-{owner['metadata']['uid'][:8]}/run-{run}"
+
+
+def _work_dirs(ft: GLMFineTune, owner: Mapping[str, Any], run: int) -> tuple[list[Manifest], list[Manifest],
+                                                                               list[Manifest]]:
+    """Volumes, mounts and env of the trainer's work dir and download cache: in the pod's emptyDir, or on the
+    shared claim, cache included, so every node sees the base model where the node that prepared it put it."""
+    volumes: list[Manifest] = [{"name": "workspace", "emptyDir": {}}]
+    mounts: list[Manifest] = [{"name": "workspace", "mountPath": WORKSPACE}]
+    claim = ft.spec.resources.workdir_claim
+    if claim is None:
+        workdir, cache = f"{WORKSPACE}/run", f"{WORKSPACE}/cache"
+    else:
+        volumes.append({"name": "shared-workdir", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "shared-workdir", "mountPath": SHARED_WORKSPACE})
+        workdir, cache = shared_workdir(ft, owner, run), f"{SHARED_WORKSPACE}/cache"
+    return volumes, mounts, [{"name": "GLMTUNE_WORKDIR", "value": workdir}, {"name": "GLMTUNE_CACHE", "value": cache}]
+
+
+def _replica(ft: GLMFineTune, owner: Mapping[str, Any], run: int, replicas: int, settings: OperatorSettings,
+             config_map: str) -> Manifest:
     res = ft.spec.resources
     pvc_volumes, pvc_mounts = _pvc_volumes(_training_uris(ft))
+    work_volumes, work_mounts, work_env = _work_dirs(ft, owner, run)
     env = [
-        {"name": "GLMTUNE_WORKDIR", "value": f"{WORKSPACE}/run"},
-        {"name": "GLMTUNE_CACHE", "value": f"{WORKSPACE}/cache"},
+        *work_env,
         {"name": "TORCH_EXTENSIONS_DIR", "value": f"{WORKSPACE}/torch-extensions"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         *s3_env(ft, settings),
@@ -153,7 +178,7 @@ def _replica(ft: GLMFineTune, run: int, replicas: int, settings: OperatorSetting
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "workspace", "mountPath": WORKSPACE},
+            *work_mounts,
             *pvc_mounts,
         ],
     }
@@ -164,7 +189,7 @@ def _replica(ft: GLMFineTune, run: int, replicas: int, settings: OperatorSetting
         "volumes": [
             {"name": "spec", "configMap": {"name": config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a big /dev/shm
-            {"name": "workspace", "emptyDir": {}},
+            *work_volumes,
             *pvc_volumes,
         ],
     }
@@ -186,9 +211,9 @@ def build_pytorchjob(ft: GLMFineTune, owner: Mapping[str, Any], run: int, settin
     """Run `run`'s Kubeflow PyTorchJob: Master 1 + Workers nodes-1, `torchrun` of the trainer in each pod."""
     res, policy = ft.spec.resources, ft.spec.run_policy
     config_map = names.config_map_name(ft.name, run)
-    replicas = {"Master": _replica(ft, run, 1, settings, config_map)}
+    replicas = {"Master": _replica(ft, owner, run, 1, settings, config_map)}
     if res.nodes > 1:
-        replicas["Worker"] = _replica(ft, run, res.nodes - 1, settings, config_map)
+        replicas["Worker"] = _replica(ft, owner, run, res.nodes - 1, settings, config_map)
     run_policy: Manifest = {"backoffLimit": policy.backoff_limit, "suspend": policy.suspend}
     if policy.active_deadline_seconds is not None:
         run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,51 @@ def test_missing_prefix_and_local_path_are_named(s3_bucket: str, tmp_path: Path)
         storage.fetch(tmp_path / "no-such-dir")
     with pytest.raises(InvalidInputError, match="s3://no-such-bucket-here"):
         storage.list_objects("s3://no-such-bucket-here/x")
+
+
+_SLOW_FETCH = """
+import sys, time
+from glmtune import storage
+real = storage.download_prefix
+def slow(uri, local_dir):
+    with open(sys.argv[2], "a") as log:
+        log.write("download\\n")
+    time.sleep(1.0)  # both fetchers are past the cache check before the first download ends
+    return real(uri, local_dir)
+storage.download_prefix = slow
+print(storage.fetch(sys.argv[1], require_manifest=True))
+"""
+
+
+def test_concurrent_fetchers_share_one_download_and_both_get_the_verified_folder(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    # Two processes, as two nodes sharing GLMTUNE_CACHE on one volume, fetch the same URI at the same moment.
+    src = _make_folder(tmp_path / "src")
+    uri = f"s3://{s3_bucket}/model"
+    storage.upload_dir(src, uri)
+    log = tmp_path / "downloads.log"
+    fetchers = [subprocess.Popen([sys.executable, "-c", _SLOW_FETCH, uri, str(log)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(2)]
+    results = [fetcher.communicate(timeout=60) for fetcher in fetchers]
+    assert [fetcher.returncode for fetcher in fetchers] == [0, 0], [err[-2000:] for _, err in results]
+    paths = {out.strip() for out, _ in results}
+    assert len(paths) == 1
+    local = Path(paths.pop())
+    storage.verify_manifest(local)
+    assert (local / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+    assert log.read_text().splitlines() == ["download"]  # the second waited for the first, then reused it
+    assert not [p.name for p in local.parent.iterdir() if p.name.startswith((".fetch-", ".stale-"))]
+
+
+def test_changed_remote_listing_replaces_the_cached_copy(s3_bucket: str, tmp_path: Path) -> None:
+    src = _make_folder(tmp_path / "src")
+    uri = f"s3://{s3_bucket}/model"
+    storage.upload_dir(src, uri)
+    first = storage.fetch(uri, require_manifest=True)
+    (src / "a.txt").write_text("beta\n")
+    storage.upload_dir(src, uri)
+    second = storage.fetch(uri, require_manifest=True)
+    assert second == first and (second / "a.txt").read_text() == "beta\n"
+    storage.verify_manifest(second)
+    assert not [p.name for p in first.parent.iterdir() if p.name.startswith((".fetch-", ".stale-"))]

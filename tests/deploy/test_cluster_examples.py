@@ -1,4 +1,4 @@
-"""manifests/examples: one GLMFineTune per tuning method and the S3 Secret they use, all valid as shipped."""
+"""manifests/examples: one GLMFineTune per tuning method and the S3 Secret and work-dir claim they use, all valid."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ def _load(path: Path) -> dict[str, Any]:
 FINETUNES = sorted(path for path in EXAMPLES.glob("*.yaml") if _load(path)["kind"] == "GLMFineTune")
 SECRETS = {
     obj["metadata"]["name"]: obj for obj in map(_load, EXAMPLES.glob("*.yaml")) if obj["kind"] == "Secret"
+}
+CLAIMS = {
+    obj["metadata"]["name"]: obj
+    for obj in map(_load, EXAMPLES.glob("*.yaml"))
+    if obj["kind"] == "PersistentVolumeClaim"
 }
 
 
@@ -87,3 +92,12 @@ def test_every_referenced_s3_secret_is_an_example_with_the_expected_keys() -> No
 def test_secret_example_is_a_valid_kubernetes_secret() -> None:
     for secret in SECRETS.values():
         kubernetes_validate.validate(secret, "1.33.0", strict=True)
+
+
+def test_every_referenced_workdir_claim_is_a_read_write_many_example() -> None:
+    used = {stem: r.spec.resources.workdir_claim for stem, r in _loaded().items() if r.spec.resources.workdir_claim}
+    assert used, "the multi-node ZeRO-3 example must name its shared work dir"
+    for stem, name in used.items():
+        assert name in CLAIMS, f"{stem}.yaml uses claim {name!r} that no example defines"
+        assert CLAIMS[name]["spec"]["accessModes"] == ["ReadWriteMany"]
+        kubernetes_validate.validate(CLAIMS[name], "1.33.0", strict=True)

@@ -43,9 +43,13 @@ SPECS = {
     "multi-node-gpu": base_spec(
         resources={"nodes": 3, "gpusPerNode": 8, "cpu": "32", "memory": "256Gi", "nodeSelector": {"gpu": "a100"},
                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                   "priorityClassName": "training"},
+                   "priorityClassName": "training", "workdirClaim": "train-shared"},
         training={"deepspeed": {"stage": 3}}, method={"name": "full"},
         runPolicy={"backoffLimit": 5, "activeDeadlineSeconds": 86400, "ttlSecondsAfterFinished": 3600}),
+    "multi-node-ddp": base_spec(resources={"nodes": 2, "gpusPerNode": 4}),
+    "shared-workdir-and-pvc-uris": base_spec(model={"uri": "pvc://shared/models/chatglm3-6b"},
+                                             resources={"nodes": 2, "workdirClaim": "shared"},
+                                             training={"deepspeed": {"stage": 2}}),
     "pvc-everywhere": base_spec(model={"uri": "pvc://models/base/chatglm2-6b"},
                                 data={"sources": ["pvc://datasets/alpaca", "s3://data/extra/"], "cache": "pvc://cache/"},
                                 output={"uri": "pvc://models/out/chat"}),
@@ -148,6 +152,52 @@ def test_pvc_uris_are_mounted_and_rewritten_to_local_paths():
     container = server["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "GLMTUNE_MODEL_URI", "value": "/mnt/pvc/models/out/chat/run-2"} in container["env"]
     assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models"} in container["volumeMounts"]
+
+
+def _trainer_pods(spec: dict[str, Any], run: int, owner_uid: str = OWNER_UID) -> dict[str, dict[str, Any]]:
+    ft, owner = built(spec)
+    owner["metadata"]["uid"] = owner_uid
+    replicas = builders.build_pytorchjob(ft, owner, run, SETTINGS)["spec"]["pytorchReplicaSpecs"]
+    return {role: replica["template"]["spec"] for role, replica in replicas.items()}
+
+
+def test_work_dir_claim_is_mounted_in_every_pod_with_one_folder_per_run():
+    pods = _trainer_pods(SPECS["multi-node-gpu"], 4)
+    assert set(pods) == {"Master", "Worker"}
+    for pod in pods.values():
+        [container] = pod["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["GLMTUNE_WORKDIR"] == "/workspace/shared/chat-6f1c2d4e/run-4"
+        assert env["GLMTUNE_CACHE"] == "/workspace/shared/cache"  # node 1 reads the model node 0 downloaded
+        assert {"name": "shared-workdir", "persistentVolumeClaim": {"claimName": "train-shared"}} in pod["volumes"]
+        assert {"name": "shared-workdir", "mountPath": "/workspace/shared"} in container["volumeMounts"]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer"},
+                                      "spec": pod}, "1.33.0", strict=True)
+    next_run = _trainer_pods(SPECS["multi-node-gpu"], 5)["Worker"]["containers"][0]["env"]
+    assert {"name": "GLMTUNE_WORKDIR", "value": "/workspace/shared/chat-6f1c2d4e/run-5"} in next_run
+    # A deleted and re-created namesake starts again at run 1: its uid keeps it off the old checkpoints.
+    recreated = _trainer_pods(SPECS["multi-node-gpu"], 4, "0a1b2c3d-0000-4000-8000-000000000002")
+    assert {"name": "GLMTUNE_WORKDIR", "value": "/workspace/shared/chat-0a1b2c3d/run-4"} in recreated[
+        "Master"]["containers"][0]["env"]
+
+
+def test_work_dir_claim_and_pvc_uris_on_the_same_claim_get_distinct_volumes():
+    pod = _trainer_pods(SPECS["shared-workdir-and-pvc-uris"], 1)["Worker"]
+    names_ = [volume["name"] for volume in pod["volumes"]]
+    assert len(names_) == len(set(names_))
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["shared", "shared"]
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/workspace/shared", "/mnt/pvc/shared"} <= mounts
+
+
+def test_without_a_claim_each_pod_works_in_its_own_empty_dir():
+    for pod in _trainer_pods(SPECS["multi-node-ddp"], 2).values():
+        [container] = pod["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert (env["GLMTUNE_WORKDIR"], env["GLMTUNE_CACHE"]) == ("/workspace/run", "/workspace/cache")
+        assert {"name": "workspace", "emptyDir": {}} in pod["volumes"]
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
 
 
 def test_deployment_rolls_without_losing_capacity_and_gates_on_health():

@@ -286,6 +286,9 @@ def test_cross_field_rules_reach_the_crd() -> None:
     rules = " ".join(rule["rule"] for rule in spec["x-kubernetes-validations"])
     assert "self.method.name == 'adalora' && has(self.training.deepspeed)" in rules
     assert rules.count("self.training.evaluation.generationMetrics") >= 2  # with ZeRO-3, without evalSplit
+    assert "self.resources.nodes > 1) || has(self.resources.workdirClaim)" in rules
+    claim = spec["properties"]["resources"]["properties"]["workdirClaim"]
+    assert claim["type"] == "string" and claim["maxLength"] == 253 and "ReadWriteMany" in claim["description"]
     ptv2 = spec["properties"]["method"]["properties"]["ptv2"]["properties"]
     assert "prefixHiddenSize" not in ptv2
     method_rules = [rule["rule"] for rule in spec["properties"]["method"]["x-kubernetes-validations"]]

@@ -104,6 +104,15 @@ def test_processes_per_node_default_to_gpus_or_one() -> None:
     assert (gpus.procs_per_node, gpus.world_size) == (8, 24)
 
 
+def test_zero_across_nodes_is_valid_with_a_shared_work_dir_claim_and_ddp_needs_none() -> None:
+    base = {"model": {"uri": "m"}, "data": {"sources": ["a"]}, "output": {"uri": "o"}, "method": {"name": "full"}}
+    zero = {**base, "training": {"deepspeed": {"stage": 3}}}
+    shared = spec_from_mapping({**zero, "resources": {"nodes": 2, "workdirClaim": "train-shared"}}).spec
+    assert shared.resources.workdir_claim == "train-shared"
+    assert spec_from_mapping({**zero, "resources": {"nodes": 1}}).spec.resources.workdir_claim is None
+    assert spec_from_mapping({**base, "resources": {"nodes": 4}}).spec.resources.nodes == 4
+
+
 def test_spec_package_does_not_import_torch() -> None:
     code = "import sys, glmtune.spec, glmtune.crd, glmtune.spec_docs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0

@@ -179,6 +179,14 @@ CASES = {
         bare("method:\n  name: ptv2\n  ptv2:\n    prefixProjection: true\n    prefixHiddenSize: 512  #!"),
         "spec.method.ptv2.prefixHiddenSize",
     ),
+    "zero_on_two_nodes_without_shared_work_dir": (
+        bare("training:\n  deepspeed: {stage: 2}", "resources:  #!\n  nodes: 2\n  gpusPerNode: 8"),
+        "spec.resources.workdirClaim",
+    ),
+    "work_dir_claim_not_a_dns_name": (
+        bare("resources:\n  workdirClaim: Shared_Work  #!"),
+        "spec.resources.workdirClaim",
+    ),
     "memory_not_a_quantity": (
         bare("resources:\n  memory: lots  #!"),
         "spec.resources.memory",
@@ -228,3 +236,13 @@ def test_invalid_spec_names_field_path_and_line(case: str, tmp_path) -> None:
         load_spec_file(spec_file)
     assert raised.value.where == f"{spec_file}:{_marked_line(text)} ({path})", str(raised.value)
     assert raised.value.exit_code == 2
+
+
+def test_zero_on_several_nodes_error_says_why_a_shared_claim_is_needed(tmp_path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(bare("training:\n  deepspeed: {stage: 3}", "method: {name: full}",
+                              "resources: {nodes: 2}"))
+    with pytest.raises(InvalidInputError) as raised:
+        load_spec_file(spec_file)
+    message = str(raised.value)
+    assert "ReadWriteMany" in message and "every rank reads all of them" in message

@@ -107,7 +107,8 @@ def _check_nodes(spec: Any, roles: WorkDirRoles) -> None:
         raise InvalidInputError(
             "DeepSpeed ZeRO across nodes needs one work dir shared by every node: each rank writes its own "
             "optimizer shard and on resume every rank reads all of them. Put --workdir / GLMTUNE_WORKDIR on a "
-            "ReadWriteMany volume, or train without training.deepspeed (plain DDP works with per-node work dirs)",
+            "ReadWriteMany volume (on Kubernetes: spec.resources.workdirClaim), or train without training.deepspeed "
+            "(plain DDP works with per-node work dirs)",
             where="spec.training.deepspeed")
 
 
