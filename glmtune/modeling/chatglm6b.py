@@ -10,7 +10,6 @@ mask (a p-tuning prefix) are always visible. See chatglm6b_masks.py and chatglm6
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -20,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from glmtune.errors import InvalidInputError
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
+from glmtune.modeling.loss import causal_lm_loss
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
 
 # The Linear layers the original quantizes (chatglm-6b-int4/-int8); the embedding and lm_head stay float.
@@ -235,23 +235,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
-) -> torch.Tensor:
-    """fp32 cross-entropy of logits[t] against labels[t+1], -100 ignored; mean, or sum / num_items_in_batch
-    (the transformers Trainer's gradient-accumulation convention). Labels are shifted, not the logits, so the
-    [b, L, vocab] tensor is never copied."""
-    if logits.shape[:2] != labels.shape:
-        raise InvalidInputError(f"labels {tuple(labels.shape)} need logits at every position, got "
-                                f"{tuple(logits.shape[:2])} (logits_to_keep must be 0)", where="labels")
-    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction=reduction)
-    if num_items_in_batch is None:
-        return loss
-    return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
