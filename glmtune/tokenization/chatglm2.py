@@ -13,14 +13,13 @@ them). The family ("v2" or "v3") is a constructor argument; `glmtune.tokenizatio
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from transformers import AddedToken, PreTrainedTokenizer
 
 from glmtune.errors import InvalidInputError
-from glmtune.tokenization import V2_MODEL_FILE, save_tokenizer_files
-from glmtune.tokenization.chatglm6b import load_sentencepiece
+from glmtune.tokenization import V2_MODEL_FILE
+from glmtune.tokenization.chatglm6b import SentencePieceFiles, load_sentencepiece
 
 GLM_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -31,10 +30,11 @@ _FIXED_KWARGS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token
                  "extra_special_tokens", "additional_special_tokens", "added_tokens_decoder")
 
 
-class ChatGLM2Tokenizer(PreTrainedTokenizer):
+class ChatGLM2Tokenizer(SentencePieceFiles, PreTrainedTokenizer):
     """The ChatGLM2 (``family="v2"``) / ChatGLM3 (``family="v3"``) tokenizer."""
 
     vocab_files_names = {"vocab_file": V2_MODEL_FILE}
+    model_file = V2_MODEL_FILE
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
 
@@ -182,16 +182,3 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         return {"remove_space": False, "do_lower_case": False, "padding_side": self.padding_side,
                 "tokenizer_class": "ChatGLMTokenizer", "auto_map": _AUTO_MAP, "family": self.family}
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """Write ``tokenizer.model`` (optionally prefixed) into `save_directory`."""
-        from glmtune.storage import atomic_write_bytes
-
-        path = os.path.join(save_directory, f"{filename_prefix}-{V2_MODEL_FILE}" if filename_prefix
-                            else V2_MODEL_FILE)
-        atomic_write_bytes(path, self.sp_model.serialized_model_proto())
-        return (path,)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``tokenizer.model`` + ``tokenizer_config.json``, the published layout (no other files)."""
-        return save_tokenizer_files(save_directory, V2_MODEL_FILE, self.sp_model.serialized_model_proto(),
-                                    self.tokenizer_config())

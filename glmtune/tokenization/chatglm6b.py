@@ -64,10 +64,31 @@ def load_sentencepiece(path: str | os.PathLike) -> spm.SentencePieceProcessor:
     return processor
 
 
-class ChatGLMTokenizer(PreTrainedTokenizer):
+class SentencePieceFiles:
+    """Saving shared by both tokenizer classes: the SentencePiece file + tokenizer_config.json, nothing else."""
+
+    model_file: str
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """Write the SentencePiece model file (optionally prefixed) into `save_directory`."""
+        from glmtune.storage import atomic_write_bytes
+
+        name = f"{filename_prefix}-{self.model_file}" if filename_prefix else self.model_file
+        path = os.path.join(save_directory, name)
+        atomic_write_bytes(path, self.sp_model.serialized_model_proto())
+        return (path,)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
+        """Write the SentencePiece model file + ``tokenizer_config.json``, the published layout (no other files)."""
+        return save_tokenizer_files(save_directory, self.model_file, self.sp_model.serialized_model_proto(),
+                                    self.tokenizer_config())
+
+
+class ChatGLMTokenizer(SentencePieceFiles, PreTrainedTokenizer):
     """The ChatGLM-6B tokenizer (v1); ``family == "v1"``."""
 
     vocab_files_names = {"vocab_file": V1_MODEL_FILE}
+    model_file = V1_MODEL_FILE
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
     family = "v1"
@@ -186,16 +207,3 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             "tokenizer_class": "ChatGLMTokenizer", "auto_map": _AUTO_MAP, "family": self.family,
         }
 
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """Write ``ice_text.model`` (optionally prefixed) into `save_directory`."""
-        from glmtune.storage import atomic_write_bytes
-
-        path = os.path.join(save_directory, f"{filename_prefix}-{V1_MODEL_FILE}" if filename_prefix
-                            else V1_MODEL_FILE)
-        atomic_write_bytes(path, self.sp_model.serialized_model_proto())
-        return (path,)
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
-        """Write ``ice_text.model`` + ``tokenizer_config.json``, the published layout (no other files)."""
-        return save_tokenizer_files(save_directory, V1_MODEL_FILE, self.sp_model.serialized_model_proto(),
-                                    self.tokenizer_config())
