@@ -6,11 +6,9 @@ The model is random-initialised "small" ChatGLM-6B (4 layers, hidden 512, 8 head
 ice_text.model vocabulary from ../shared when present (else the tiny tokenizer; the output projection, and
 so the timings, then differ). Random weights answer greedy requests with special tokens (no text), so
 requests sample (temperature 1, top_p 1, a seed each); the server runs as `glmtune serve` in its own process,
-as deployed, and the clients (httpx, streaming) in this one. Each output layout (`--output-layout`: auto =
-the vocabulary projection stored transposed on CPU, standard = nn.Linear) is measured in the same run.
+as deployed, and the clients (httpx, streaming) in this one.
 
     OMP_NUM_THREADS=2 python bench/bench_serve.py            # prints a table and appends it to RESULTS.md
-    OMP_NUM_THREADS=2 python bench/bench_serve.py --layouts auto --no-record
 """
 
 from __future__ import annotations
@@ -54,20 +52,12 @@ def build_small_v1(out: Path) -> str:
     return f"real ice_text.model vocabulary ({len(tokenizer)} tokens)"
 
 
-def bench_batch1(served, new_tokens: int, prefills: int = 5) -> dict:
-    """Tokens/s of one request decoded alone (prefill excluded), as chat() runs it, and the median time to
-    prefill a longer prompt (where a layout's embedding lookup would show)."""
+def bench_batch1(served, new_tokens: int) -> dict:
+    """Tokens/s of one request decoded alone (prefill excluded), as chat() runs it."""
     from glmtune_inference.batching import DecodeBatch, Sequence
     from glmtune_inference.generation import TextDeltaDecoder
 
     params = served.params(temperature=1.0, top_p=1.0, seed=0, max_new_tokens=new_tokens)
-    long_prompt = served.encode("".join(QUERIES) * 3)  # prefill is timed on a longer prompt than the decode
-    prefill_s = []
-    for _ in range(prefills + 1):  # the first one warms up
-        batch = DecodeBatch(served.model, served.prefix_len, served.family)
-        start = time.perf_counter()
-        batch.prefill(Sequence(long_prompt, params, TextDeltaDecoder(served.tokenizer)))
-        prefill_s.append(time.perf_counter() - start)
     batch = DecodeBatch(served.model, served.prefix_len, served.family)
     seq = Sequence(served.encode(QUERIES[1]), params, TextDeltaDecoder(served.tokenizer))
     batch.prefill(seq)
@@ -76,8 +66,7 @@ def bench_batch1(served, new_tokens: int, prefills: int = 5) -> dict:
         batch.step()
         batch.remove_finished()
     elapsed = time.perf_counter() - start
-    return {"tokens": len(seq.generated) - 1, "seconds": elapsed, "tok_s": (len(seq.generated) - 1) / elapsed,
-            "prefill_ms": statistics.median(prefill_s[1:]) * 1000, "prompt": len(long_prompt)}
+    return {"tokens": len(seq.generated) - 1, "seconds": elapsed, "tok_s": (len(seq.generated) - 1) / elapsed}
 
 
 async def stream_one(client, query: str, new_tokens: int, seed: int) -> tuple[float, float, int]:
@@ -113,7 +102,7 @@ async def bench_clients(url: str, clients: int, new_tokens: int) -> dict:
             "ttft_p50": statistics.median(ttft), "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * len(ttft)) - 1)]}
 
 
-def start_server(model_dir: Path, max_batch: int, layout: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     """`glmtune serve` in a child process; returns it and its URL once /readyz answers."""
     import httpx
 
@@ -121,7 +110,7 @@ def start_server(model_dir: Path, max_batch: int, layout: str) -> tuple[subproce
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "glmtune.cli", "serve", str(model_dir), "--model-name", "small",
-               "--port", str(port), "--max-batch", str(max_batch), "--output-layout", layout]
+               "--port", str(port), "--max-batch", str(max_batch)]
     child = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -137,74 +126,41 @@ def start_server(model_dir: Path, max_batch: int, layout: str) -> tuple[subproce
         time.sleep(0.5)
 
 
-def bench_layout(model_dir: Path, layout: str, args: argparse.Namespace) -> dict:
-    """Batch 1 in-process, then the server with 1 and with `args.clients` streaming clients, for one layout."""
-    from glmtune_inference.loading import LoadOptions, load_served_models
-
-    served = next(iter(load_served_models(str(model_dir), options=LoadOptions(output_layout=layout)).values()))
-    alone = bench_batch1(served, args.new_tokens)
-    del served
-    server, url = start_server(model_dir, args.clients, layout)
-    try:
-        one = asyncio.run(bench_clients(url, 1, args.new_tokens))
-        many = asyncio.run(bench_clients(url, args.clients, args.new_tokens))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-    return {"alone": alone, "one": one, "many": many}
-
-
-def layout_rows(layout: str, r: dict, clients: int) -> list[str]:
-    alone, one, many = r["alone"], r["one"], r["many"]
-    return [
-        f"| {layout} | batch 1, KV cache (in-process) | {alone['tok_s']:.1f} | {alone['tokens']} tokens in "
-        f"{alone['seconds']:.2f} s; prefill {alone['prompt']} tokens {alone['prefill_ms']:.1f} ms |",
-        f"| {layout} | server, 1 streaming client | {one['tok_s']:.1f} | TTFT {one['ttft_p50'] * 1000:.0f} ms |",
-        f"| {layout} | server, {clients} streaming clients (aggregate) | {many['tok_s']:.1f} | TTFT p50 "
-        f"{many['ttft_p50'] * 1000:.0f} ms, p95 {many['ttft_p95'] * 1000:.0f} ms; {many['tok_s'] / one['tok_s']:.2f}x "
-        f"1 client |",
-    ]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--layouts", default="auto,standard",
-                        help="comma-separated output layouts to measure (auto, standard)")
     parser.add_argument("--no-record", action="store_true", help="do not append the table to bench/RESULTS.md")
     args = parser.parse_args()
-    layouts = [layout.strip() for layout in args.layouts.split(",") if layout.strip()]
-    if not layouts or any(layout not in ("auto", "standard") for layout in layouts):
-        parser.error(f"--layouts takes auto and/or standard, got {args.layouts!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from glmtune_inference.loading import load_served_models
 
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = Path(scratch) / "small-v1"
-        vocab_note = build_small_v1(model_dir)
-        results = {layout: bench_layout(model_dir, layout, args) for layout in layouts}
-    lines = [
+        vocab_note = build_small_v1(Path(scratch) / "small-v1")
+        served = next(iter(load_served_models(str(Path(scratch) / "small-v1")).values()))
+        alone = bench_batch1(served, args.new_tokens)
+        del served
+        server, url = start_server(Path(scratch) / "small-v1", max_batch=args.clients)
+        try:
+            one = asyncio.run(bench_clients(url, 1, args.new_tokens))
+            many = asyncio.run(bench_clients(url, args.clients, args.new_tokens))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    ratio = many["tok_s"] / one["tok_s"]
+    table = "\n".join([
         f"v1 small (4 layers, hidden 512, 8 heads, inner 2048), fp32, {vocab_note}; sampling, up to "
-        f"{args.new_tokens} new tokens per request; output layout auto = vocabulary projection stored "
-        f"transposed ([hidden, vocab], `hidden @ Wt`), standard = nn.Linear",
+        f"{args.new_tokens} new tokens per request",
         "",
-        "| layout | measurement | tokens/s | detail |",
-        "|---|---|---|---|",
-    ]
-    for layout, r in results.items():
-        lines += layout_rows(layout, r, args.clients)
-    lines.append("")
-    for layout, r in results.items():
-        lines.append(f"{layout}: {args.clients} clients vs 1: {r['many']['tok_s'] / r['one']['tok_s']:.2f}x "
-                     f"(target >= 4x)")
-    if {"auto", "standard"} <= results.keys():
-        auto, standard = results["auto"], results["standard"]
-        lines.append(
-            f"auto vs standard: batch 1 {auto['alone']['tok_s'] / standard['alone']['tok_s']:.2f}x, "
-            f"server 1 client {auto['one']['tok_s'] / standard['one']['tok_s']:.2f}x, {args.clients} clients "
-            f"{auto['many']['tok_s'] / standard['many']['tok_s']:.2f}x, prefill time "
-            f"{auto['alone']['prefill_ms'] / standard['alone']['prefill_ms']:.2f}x")
-    table = "\n".join(lines)
+        "| measurement | tokens/s | detail |",
+        "|---|---|---|",
+        f"| batch 1, KV cache (in-process) | {alone['tok_s']:.1f} | {alone['tokens']} tokens in {alone['seconds']:.2f} s |",
+        f"| server, 1 streaming client | {one['tok_s']:.1f} | TTFT {one['ttft_p50'] * 1000:.0f} ms |",
+        f"| server, {args.clients} streaming clients (aggregate) | {many['tok_s']:.1f} | TTFT p50 "
+        f"{many['ttft_p50'] * 1000:.0f} ms, p95 {many['ttft_p95'] * 1000:.0f} ms |",
+        "",
+        f"{args.clients} clients vs 1: {ratio:.2f}x (target >= 4x)",
+    ])
     print(table)
     if not args.no_record:
         record("bench_serve.py", table)

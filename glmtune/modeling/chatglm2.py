@@ -22,6 +22,7 @@ from glmtune.modeling.chatglm2_layers import (
     rotary_tables,
 )
 from glmtune.modeling.loss import causal_lm_loss
+from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import quantize_model
 
 
@@ -240,7 +241,7 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:
             hidden = hidden[:, logits_to_keep]
-        logits = self.transformer.output_layer(hidden)
+        logits = project_to_vocab(hidden, self.transformer.output_layer)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))

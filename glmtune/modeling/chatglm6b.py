@@ -20,6 +20,7 @@ from glmtune.errors import InvalidInputError
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
 from glmtune.modeling.loss import causal_lm_loss
+from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
 
 # The Linear layers the original quantizes (chatglm-6b-int4/-int8); the embedding and lm_head stay float.
@@ -293,7 +294,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                                output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, kept])
+        logits = project_to_vocab(hidden[:, kept], self.lm_head)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))

@@ -58,16 +58,12 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only quantize at load")
     parser.add_argument("--cache-dir", help="where s3:// models are downloaded (default $GLMTUNE_CACHE)")
-    parser.add_argument("--output-layout", choices=("auto", "standard"), default="auto",
-                        help="vocabulary projection layout: auto stores it transposed for fp32 on CPU (about 2x "
-                             "faster decode steps, same results); standard keeps nn.Linear")
 
 
 def _load_options(args: argparse.Namespace):
     from glmtune_inference.loading import LoadOptions
 
-    return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir,
-                       output_layout=args.output_layout)
+    return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:

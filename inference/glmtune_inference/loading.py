@@ -25,7 +25,6 @@ from glmtune.errors import InvalidInputError
 from glmtune.export_format import EXPORT_FILE, ExportInfo, read_export_info
 from glmtune.templates import encode_prompt, stop_token_ids, template_for_family
 from glmtune_inference.generation import GenerationParams
-from glmtune_inference.output_layout import OUTPUT_LAYOUTS, apply_output_layout
 
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_KEY = "transformer.prefix_encoder."
@@ -59,18 +58,11 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load: dtype (None keeps the checkpoint's), quantize at load (4/8), the download cache, and the
-    output projection layout (`auto`: transposed for fp32 on CPU, faster decode; `standard`: nn.Linear)."""
+    """How to load: dtype (None keeps the checkpoint's), quantize at load (4/8), the download cache."""
 
     dtype: str | None = None
     quantization_bit: int | None = None
     cache_dir: str | os.PathLike | None = None
-    output_layout: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.output_layout not in OUTPUT_LAYOUTS:
-            raise InvalidInputError(f"must be one of {', '.join(OUTPUT_LAYOUTS)}, got {self.output_layout!r}",
-                                    where="output_layout")
 
 
 def locate(uri: str | os.PathLike, options: LoadOptions = LoadOptions()) -> tuple[Path, ExportInfo | None]:
@@ -110,8 +102,6 @@ def load_served_models(model_uri: str, adapters: Mapping[str, str] | None = None
             raise InvalidInputError("an adapter must be an 'adapter' or 'prefix' export (glmtune-export.json)",
                                     where=str(uri))
         served[adapter_name] = _apply_delta(base, adapter_path, adapter_info, adapter_name, str(uri), options)
-    # Last, over every tree at once: trees that share the output weight then share its transposed copy.
-    apply_output_layout([base.model, *(model.model for model in served.values())], options.output_layout)
     return served
 
 
