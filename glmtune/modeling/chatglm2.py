@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.causal_lm import GLMCausalLM
 from glmtune.modeling.chatglm2_layers import (
     Embedding,
     GLMTransformer,
@@ -21,8 +22,6 @@ from glmtune.modeling.chatglm2_layers import (
     padding_attention_mask,
     rotary_tables,
 )
-from glmtune.modeling.loss import causal_lm_loss
-from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import quantize_model
 
 
@@ -190,10 +189,17 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         )
 
 
-class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin):
+# Suffixes of the Linear layers that weight-only quantization replaces (the output layer stays in float).
+QUANTIZED_MODULES = (
+    "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+)
+
+
+class ChatGLM2ForConditionalGeneration(GLMCausalLM, ChatGLM2PreTrainedModel, GenerationMixin):
     """The causal LM (`transformer.output_layer` gives the logits); loads THUDM's ChatGLM2/3 weights unchanged."""
 
     _tied_weights_keys: dict[str, str] = {}
+    quantized_modules = QUANTIZED_MODULES
 
     def __init__(self, config: ChatGLM2Config) -> None:
         super().__init__(config)
@@ -213,54 +219,3 @@ class ChatGLM2ForConditionalGeneration(ChatGLM2PreTrainedModel, GenerationMixin)
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.transformer.output_layer = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        if kwargs.get("output_attentions"):
-            raise InvalidInputError("output_attentions is not available (attention runs through SDPA)",
-                                    where="output_attentions")
-        out = self.transformer(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden = out.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        else:
-            hidden = hidden[:, logits_to_keep]
-        logits = project_to_vocab(hidden, self.transformer.output_layer)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        result = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
-        return result.to_tuple() if return_dict is False else result
-
-    def quantize(self, bits: int) -> ChatGLM2ForConditionalGeneration:
-        """Weight-only int8/int4 for the four big Linear layers of every block (the original's choice)."""
-        if self.config.quantization_bit:
-            raise InvalidInputError(f"model is already quantized to {self.config.quantization_bit} bits",
-                                    where="quantization_bit")
-        quantize_model(self.transformer, bits, QUANTIZED_MODULES)
-        self.config.quantization_bit = bits
-        return self
-
-
-# Suffixes of the Linear layers that weight-only quantization replaces (the output layer stays in float).
-QUANTIZED_MODULES = (
-    "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
-)

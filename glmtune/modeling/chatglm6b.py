@@ -14,13 +14,12 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.causal_lm import GLMCausalLM
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
-from glmtune.modeling.loss import causal_lm_loss
-from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
 
 # The Linear layers the original quantizes (chatglm-6b-int4/-int8); the embedding and lm_head stay float.
@@ -238,10 +237,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         )
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(GLMCausalLM, ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLM-6B with its LM head (tied to the embedding unless the checkpoint holds a different lm_head)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    quantized_modules = QUANTIZED_MODULES
 
     def __init__(self, config: ChatGLMConfig) -> None:
         super().__init__(config)
@@ -262,45 +262,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
-
-    def quantize(self, bits: int) -> ChatGLMForConditionalGeneration:
-        """Weight-only quantize the block Linears in place (8 or 4 bits), as the original `quantize()`."""
-        if self.config.quantization_bit:
-            raise InvalidInputError(f"model is already quantized to {self.config.quantization_bit} bits",
-                                    where="quantization_bit")
-        quantize_model(self.transformer, bits, QUANTIZED_MODULES)
-        self.config.quantization_bit = bits
-        return self
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        if kwargs.get("output_attentions"):
-            raise InvalidInputError("output_attentions is not available (attention runs through SDPA)",
-                                    where="output_attentions")
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states)
-        hidden = out.last_hidden_state
-        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = project_to_vocab(hidden[:, kept], self.lm_head)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
-        return result.to_tuple() if return_dict is False else result
 
     def prepare_inputs_for_generation(
         self,
