@@ -89,7 +89,10 @@ def test_two_process_run_killed_and_resumed_keeps_the_loss_curve(tiny_model, tmp
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"问题 {i} 是什么？", "output": f"答案是 {i * 7}。"},
                                        ensure_ascii=False) + "\n" for i in range(16)))
-    common = {"maxSteps": 6, "learningRate": 1e-2, "checkpoint": {"everySteps": 1}}
+    # Enough steps that the run cannot finish inside one polling interval once three are logged (a fast
+    # machine did 4 steps in one 50 ms sleep with maxSteps 6).
+    steps = 20
+    common = {"maxSteps": steps, "learningRate": 1e-2, "checkpoint": {"everySteps": 1}}
     single = spec_mapping(tiny_model("v2"), tmp_path / "single-export", "lora", batchSize=4, **common)
     multi = spec_mapping(tiny_model("v2"), tmp_path / "multi-export", "lora", batchSize=2, **common)
     for mapping in (single, multi):
@@ -115,11 +118,11 @@ def test_two_process_run_killed_and_resumed_keeps_the_loss_curve(tiny_model, tmp
     while time.monotonic() < deadline and victim.poll() is None:
         if (tmp_path / "multi" / "logs").exists() and len(_losses(tmp_path / "multi")) >= 3:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks, as a preempted pod
     victim.wait(timeout=30)
-    assert len(_losses(tmp_path / "multi")) < 6
+    assert 3 <= len(_losses(tmp_path / "multi")) < steps
     assert launch().wait(timeout=500) == 0
     logged = read_metrics(tmp_path / "multi" / "logs", "train")
     by_step = {m["step"]: m["loss"] for m in logged}  # a re-run step overwrites the killed run's entry
-    assert [by_step[s] for s in range(1, 7)] == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
+    assert [by_step[s] for s in range(1, steps + 1)] == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)
