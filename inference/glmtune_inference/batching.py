@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_token, make_rng
+from glmtune_inference.generation import (
+    GenerationParams,
+    TextDeltaDecoder,
+    choose_token,
+    choose_tokens,
+    make_rng,
+)
 
 
 @dataclass
@@ -117,11 +123,10 @@ class DecodeBatch:
             use_cache=True, logits_to_keep=1,
         )
         self._cache, self._mask = out.past_key_values, mask
-        logits = out.logits[:, -1].float()
-        return [
-            (seq, seq.accept(choose_token(logits[i], seq.params, seq.seen_ids(), seq.rng)))
-            for i, seq in enumerate(self.sequences)
-        ]
+        running = self.sequences
+        tokens = choose_tokens(out.logits[:, -1], [s.params for s in running], [s.seen_ids() for s in running],
+                               [s.rng for s in running])
+        return [(seq, seq.accept(token)) for seq, token in zip(running, tokens, strict=True)]
 
     def remove_finished(self, now: float | None = None) -> list[Sequence]:
         """Drop finished, cancelled and expired requests (marking the latter two) and shrink the cache."""

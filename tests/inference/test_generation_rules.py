@@ -11,6 +11,7 @@ from glmtune_inference.generation import (
     TextDeltaDecoder,
     apply_repetition_penalty,
     choose_token,
+    choose_tokens,
     filter_top_k_top_p,
     sanitize_logits,
 )
@@ -130,3 +131,30 @@ def test_sampling_follows_the_distribution_and_never_picks_filtered_tokens():
     draws = [choose_token(logits, params, torch.empty(0, dtype=torch.long), rng) for _ in range(2000)]
     assert set(draws) == {0, 1}
     assert abs(draws.count(0) / len(draws) - 2 / 3) < 0.05
+
+
+def test_a_batch_of_rows_gets_exactly_the_tokens_each_row_gets_alone():
+    import random
+
+    rnd = random.Random(0)
+    vocab = 1001  # not a multiple of any SIMD width: row ends take the kernels' tail paths
+    for _ in range(20):
+        rows = rnd.randint(1, 9)
+        logits = torch.randn(rows, vocab) * rnd.choice([1.0, 5.0, 30.0])
+        if rnd.random() < 0.3:
+            logits[0, 3] = float("nan")  # the guard replaces only this row
+        if rnd.random() < 0.3:
+            logits[-1, :4] = 3e38  # finite, but the row sum overflows: the full guard must leave it alone
+        params = [GenerationParams(temperature=rnd.choice([0.0, 0.3, 1.0, 1.7]), top_p=rnd.choice([1.0, 0.7]),
+                                   top_k=rnd.choice([0, 0, 5]), repetition_penalty=rnd.choice([1.0, 1.3]),
+                                   do_sample=rnd.random() > 0.1) for _ in range(rows)]
+        seen = [torch.randint(0, vocab, (rnd.randint(0, 12),)) for _ in range(rows)]
+        seeds = [rnd.randint(0, 10**6) for _ in range(rows)]
+        before = logits.clone()
+        alone = [choose_token(logits[i], params[i], seen[i], torch.Generator().manual_seed(seeds[i]))
+                 for i in range(rows)]
+        batched = choose_tokens(logits, params, seen, [torch.Generator().manual_seed(s) for s in seeds])
+        assert batched == alone
+        assert torch.equal(logits.nan_to_num(), before.nan_to_num())  # the model's logits are not modified
+        if logits[-1, 0] == 3e38 and params[-1].greedy and params[-1].repetition_penalty == 1.0:
+            assert batched[-1] == 0
