@@ -1,10 +1,11 @@
-"""Batched decoding over per-request KV caches: each request is prefilled alone, then joins one
-left-padded batch cache that advances every running request by one token per forward.
+"""Batched decoding over per-request KV caches: requests that arrive together are prefilled in one
+left-padded forward, then join one left-padded batch cache that advances every running request by one
+token per forward.
 
-Prefilling alone means a prompt is computed exactly as without batching; in the decode batch a request's
-padding columns are masked out, so greedy answers are token-identical to unbatched ones. The p-tuning v2
-prefix of a prefix model stays in the first `prefix_len` cache columns (the model treats columns its 2-D
-mask does not cover as visible prefix), so padding is inserted after it.
+A request's padding columns are masked out in both forwards, so greedy answers are token-identical to
+unbatched ones (to float32 rounding, as `generate()` on a padded batch). The p-tuning v2 prefix of a prefix
+model stays in the first `prefix_len` cache columns (the model treats columns its 2-D mask does not cover as
+visible prefix), so padding is inserted after it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
-from glmtune_inference.generation import (
-    GenerationParams,
-    TextDeltaDecoder,
-    choose_token,
-    choose_tokens,
-    make_rng,
-)
+from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_tokens, make_rng
 
 
 @dataclass
@@ -91,22 +86,47 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.sequences)
 
-    @torch.inference_mode()
     def prefill(self, seq: Sequence) -> str:
-        """Run the prompt alone, choose the first token, and let the request join the batch if it goes on."""
-        if seq.finished:
-            return ""
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long)
+        """Run one prompt, choose its first token, and let the request join the batch if it goes on."""
+        return self.prefill_many([seq])[0][1]
+
+    @torch.inference_mode()
+    def prefill_many(self, seqs: list[Sequence]) -> list[tuple[Sequence, str]]:
+        """Run prompts that arrived together in left-padded forwards (a burst waits for one prefill, not for one
+        after another) and choose each first token; requests that go on join the batch. Prompts of very
+        different lengths go to separate forwards, so padding never costs more than half the real tokens."""
+        deltas: dict[int, str] = {}
+        for group in _length_groups([seq for seq in seqs if not seq.finished]):
+            deltas.update(self._prefill_group(group))
+        return [(seq, deltas.get(id(seq), "")) for seq in seqs]
+
+    def _prefill_group(self, live: list[Sequence]) -> dict[int, str]:
+        width = max(len(seq.prompt_ids) for seq in live)
+        pad = self.model.config.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live],
+                            dtype=torch.long)
         if self.glm_positions:
-            seq.anchor = tuple(_glm_positions(self.model.config, ids)[0, :, -1].tolist())
+            for seq in live:
+                positions = _glm_positions(self.model.config, torch.tensor([seq.prompt_ids]))
+                seq.anchor = tuple(positions[0, :, -1].tolist())
         out = self.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
         )
-        delta = seq.accept(choose_token(out.logits[0, -1], seq.params, seq.seen_ids(), seq.rng))
-        if not seq.finished:
-            self._join(seq, out.past_key_values, torch.ones_like(ids))
-        return delta
+        tokens = choose_tokens(out.logits[:, -1], [s.params for s in live], [s.seen_ids() for s in live],
+                               [s.rng for s in live])
+        deltas = {id(seq): seq.accept(token) for seq, token in zip(live, tokens, strict=True)}
+        going_on = [i for i, seq in enumerate(live) if not seq.finished]
+        if going_on:
+            index = torch.tensor(going_on, dtype=torch.long)
+            # Columns that are padding for every request that goes on are dead weight: cut them.
+            first_real = int(mask[index].any(dim=0).long().argmax())
+            cache = DynamicCache(ddp_cache_data=[
+                (self._select(k, index, first_real), self._select(v, index, first_real))
+                for k, v in _layers(out.past_key_values)
+            ])
+            self._join([live[i] for i in going_on], cache, mask[index, first_real:])
+        return deltas
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, str]]:
@@ -162,9 +182,9 @@ class DecodeBatch:
             return rows
         return torch.cat((rows[:, :, :p], rows[:, :, p + cut :]), dim=2)
 
-    def _join(self, seq: Sequence, cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if self._cache is None:
-            self.sequences, self._cache, self._mask = [seq], cache, mask
+            self.sequences, self._cache, self._mask = list(seqs), cache, mask
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = [
@@ -174,7 +194,7 @@ class DecodeBatch:
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = torch.cat((_pad_left(self._mask, width), _pad_left(mask, width)))
-        self.sequences.append(seq)
+        self.sequences.extend(seqs)
 
     def _pad(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
         """Insert zero columns after the prefix so the token part of the cache is `width` wide."""
@@ -184,6 +204,21 @@ class DecodeBatch:
             return tensor
         zeros = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
         return torch.cat((tensor[:, :, :p], zeros, tensor[:, :, p:]), dim=2)
+
+
+def _length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Split prompts, longest first, into groups whose padded size stays within 1.5x their real tokens
+    (plus 64 tokens of slack, so short prompts always share a forward)."""
+    groups: list[list[Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids), reverse=True):
+        if groups:
+            group = groups[-1]
+            real = sum(len(s.prompt_ids) for s in group) + len(seq.prompt_ids)
+            if len(group[0].prompt_ids) * (len(group) + 1) <= 1.5 * real + 64:
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
 
 
 def _glm_positions(config, ids: torch.Tensor) -> torch.Tensor:

@@ -230,17 +230,21 @@ class Engine:
 
     def _iterate(self, admitted: list[GenerationHandle]) -> None:
         now = time.monotonic()
+        arrivals: dict[str, list[GenerationHandle]] = {}
         for handle in admitted:
             seq = handle.seq
             if seq.cancelled or seq.expired(now):
                 self._finish(handle, "cancelled" if seq.cancelled else "timeout")
-                continue
-            delta = self._batches[handle.model].prefill(seq)
-            if delta:
-                self._post(handle, TextDelta(delta))
-            if seq.finished:
-                self._finish(handle)
-            self._flush()  # a first token goes out at once, not after the next decode step
+            else:
+                arrivals.setdefault(handle.model, []).append(handle)
+        for model, handles in arrivals.items():  # one prefill forward for the requests that came together
+            by_seq = {id(h.seq): h for h in handles}
+            for seq, delta in self._batches[model].prefill_many([h.seq for h in handles]):
+                if delta:
+                    self._post(by_seq[id(seq)], TextDelta(delta))
+                if seq.finished:
+                    self._finish(by_seq[id(seq)])
+            self._flush()  # first tokens go out at once, not after the next decode step
         for batch in self._batches.values():
             for seq in batch.remove_finished():  # cancelled or expired since the last step
                 self._finish(self._handles[id(seq)])

@@ -58,6 +58,37 @@ def test_greedy_batched_tokens_equal_unbatched(exports, served, family, kind):
 
 
 @pytest.mark.parametrize("family", ["v1", "v2"])
+@pytest.mark.parametrize("kind", ["base", "prefix"])
+def test_requests_prefilled_together_get_the_tokens_they_get_alone(exports, served, family, kind):
+    model = next(iter(served(exports.get(kind, family)).values()))
+    budgets = (6, 12, 9, 12)
+    expected = [alone(model, q, n) for q, n in zip(QUERIES, budgets, strict=True)]
+    batch = DecodeBatch(model.model, model.prefix_len, model.family)
+    seqs = [new_sequence(model, q, n) for q, n in zip(QUERIES, budgets, strict=True)]
+    batch.prefill(seqs[0])
+    batch.step()
+    # Three arrivals of different prompt lengths in one left-padded forward, joining a running request.
+    first = batch.prefill_many(seqs[1:])
+    assert [seq for seq, _ in first] == seqs[1:] and len(batch) == 4
+    while len(batch):
+        batch.step()
+        batch.remove_finished()
+    assert [s.generated for s in seqs] == expected
+
+
+def test_prompts_of_very_different_lengths_are_not_padded_to_each_other():
+    from glmtune_inference.batching import _length_groups
+    from glmtune_inference.generation import GenerationParams
+
+    def seq(n):
+        return Sequence(list(range(5, 5 + n)), GenerationParams(max_new_tokens=4), TextDeltaDecoder(None))
+
+    long, mid, shorts = seq(1500), seq(1100), [seq(n) for n in (9, 14, 30)]
+    groups = _length_groups([shorts[0], long, shorts[1], mid, shorts[2]])
+    assert groups == [[long, mid], shorts[::-1]]
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
 def test_decoding_matches_transformers_generate(exports, served, family):
     model = next(iter(served(exports.get("base", family)).values()))
     for query in QUERIES[:2]:
