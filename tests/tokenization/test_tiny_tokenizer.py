@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -96,13 +95,10 @@ def test_special_tokens_encode_as_single_ids(tiny: dict) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_is_deterministic_and_fast(family: str, tmp_path: Path) -> None:
+def test_training_is_deterministic(family: str, tmp_path: Path) -> None:
     texts = ["一二三四五六七八九十", "alpha beta gamma delta", "你好，世界！Hello, world!"] * 3
-    start = time.perf_counter()
     first = train_tiny_tokenizer(family, tmp_path / "a")
-    elapsed = time.perf_counter() - start
     second = train_tiny_tokenizer(family, tmp_path / "b")
-    assert elapsed < 2.0
     for name in (MODEL_FILE[family], "tokenizer_config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     custom_a = train_tiny_tokenizer(family, tmp_path / "c", texts=texts, vocab_size=600)
