@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -215,12 +214,10 @@ def test_saving_over_a_checkpoint_replaces_old_shards_and_keeps_other_files(tmp_
 
 
 def test_model_is_built_without_allocating_weights() -> None:
-    started = time.perf_counter()
     with parameters_on_meta():
         model = ChatGLM2ForConditionalGeneration(ChatGLM2Config(multi_query_attention=True, multi_query_group_num=2))
     assert all(p.is_meta for p in model.parameters())
-    assert sum(p.numel() for p in model.parameters()) > 6_000_000_000
-    assert time.perf_counter() - started < 5
+    assert sum(p.numel() for p in model.parameters()) > 6_000_000_000  # 24 GB in fp32 had it been allocated
 
 
 def test_s3_uri_is_downloaded_and_loaded(tmp_path, tokenizers, s3_bucket: str) -> None:
