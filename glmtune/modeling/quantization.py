@@ -5,8 +5,9 @@ Int4 packs two values per byte, `(w[2j] << 4) | (w[2j+1] & 0xF)`, unpacked with 
 `QuantizedLinear` keeps `weight` (int8, [out, in] or packed [out, in/2]), `weight_scale` (fp16 [out]) and
 `bias`, so a pre-quantized state dict loads directly. Forward dequantizes to the activation dtype and runs a
 plain matmul; backward recomputes the dequantized weight instead of keeping it alive (the frozen int weights
-get no gradient). The original used cpm_kernels CUDA kernels for the dequantization; this pure-torch form
-runs on any device and gives the same fp16 weights (an fp16 product of exact fp16 operands).
+get no gradient). On CUDA tensors the dequantization first tries glmtune's own NVRTC-compiled kernels
+(`quantization_cuda`, through cpm_kernels like the original; `GLMTUNE_CUDA_KERNELS=0` turns them off); the
+pure-torch form runs on any device and gives the same bits (an fp16 product of exact fp16 operands).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.quantization_cuda import cuda_dequantize
 
 SUPPORTED_BITS = (4, 8)
 
@@ -61,6 +63,10 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """Float weight [out, in] in `dtype`: q * scale, rounded once to `dtype` (fp16: the original's values)."""
     _check_bits(bits)
+    if qweight.is_cuda:
+        fused = cuda_dequantize(qweight, scale, bits, dtype)
+        if fused is not None:
+            return fused
     values = unpack_int4(qweight) if bits == 4 else qweight
     if dtype == torch.float16:
         return values.to(torch.float16) * scale.to(torch.float16)[:, None]
