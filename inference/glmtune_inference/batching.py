@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_tokens, make_rng
+from glmtune_inference.kv_cache import GrowingCache
 
 
 @dataclass
@@ -80,7 +80,7 @@ class DecodeBatch:
         # ChatGLM-6B derives 2D positions from a prompt's [gMASK]/<sop>; decode steps must be told theirs.
         self.glm_positions = family == "v1"
         self.sequences: list[Sequence] = []
-        self._cache: DynamicCache | None = None
+        self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [b, columns after the prefix], 1 = real token
 
     def __len__(self) -> int:
@@ -111,7 +111,7 @@ class DecodeBatch:
                 positions = _glm_positions(self.model.config, torch.tensor([seq.prompt_ids]))
                 seq.anchor = tuple(positions[0, :, -1].tolist())
         out = self.model(
-            input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask, past_key_values=GrowingCache(), use_cache=True, logits_to_keep=1,
         )
         tokens = choose_tokens(out.logits[:, -1], [s.params for s in live], [s.seen_ids() for s in live],
                                [s.rng for s in live])
@@ -121,7 +121,7 @@ class DecodeBatch:
             index = torch.tensor(going_on, dtype=torch.long)
             # Columns that are padding for every request that goes on are dead weight: cut them.
             first_real = int(mask[index].any(dim=0).long().argmax())
-            cache = DynamicCache(ddp_cache_data=[
+            cache = GrowingCache([
                 (self._select(k, index, first_real), self._select(v, index, first_real))
                 for k, v in _layers(out.past_key_values)
             ])
@@ -169,10 +169,10 @@ class DecodeBatch:
         # Columns that are padding for every remaining request are dead weight: cut them.
         first_real = int(mask.any(dim=0).long().argmax())
         self._mask = mask[:, first_real:]
-        self._cache = DynamicCache(
-            ddp_cache_data=[(self._select(k, index, first_real), self._select(v, index, first_real))
-                            for k, v in _layers(self._cache)]
-        )
+        self._cache = GrowingCache([
+            (self._select(k, index, first_real), self._select(v, index, first_real))
+            for k, v in _layers(self._cache)
+        ])
         return gone
 
     def _select(self, tensor: torch.Tensor, index: torch.Tensor, cut: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ class DecodeBatch:
             return rows
         return torch.cat((rows[:, :, :p], rows[:, :, p + cut :]), dim=2)
 
-    def _join(self, seqs: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _join(self, seqs: list[Sequence], cache: GrowingCache, mask: torch.Tensor) -> None:
         if self._cache is None:
             self.sequences, self._cache, self._mask = list(seqs), cache, mask
             return
@@ -192,7 +192,7 @@ class DecodeBatch:
                                                                               self._pad(v1, width))))
             for (k0, v0), (k1, v1) in zip(_layers(self._cache), _layers(cache), strict=True)
         ]
-        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._cache = GrowingCache(layers)
         self._mask = torch.cat((_pad_left(self._mask, width), _pad_left(mask, width)))
         self.sequences.extend(seqs)
 
@@ -233,5 +233,5 @@ def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask if missing == 0 else torch.cat((mask.new_zeros(mask.shape[0], missing), mask), dim=1)
 
 
-def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layers(cache: GrowingCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
