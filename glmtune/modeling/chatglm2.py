@@ -13,7 +13,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from glmtune.errors import InvalidInputError
+from glmtune.errors import check_fields
 from glmtune.modeling.causal_lm import GLMCausalLM
 from glmtune.modeling.chatglm2_layers import (
     Embedding,
@@ -80,9 +80,7 @@ class ChatGLM2Config(PretrainedConfig):
              "must divide num_attention_heads"),
             ("pre_seq_len", self.pre_seq_len is None or self.pre_seq_len > 0, "must be null or positive"),
         ]
-        for field, ok, message in checks:
-            if not ok:
-                raise InvalidInputError(f"{message}, got {getattr(self, field)!r}", where=f"config.{field}")
+        check_fields(self, checks, prefix="config.")
 
 
 class ChatGLM2PreTrainedModel(PreTrainedModel):

@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from glmtune.errors import InvalidInputError
+from glmtune.errors import InvalidInputError, check_fields
 from glmtune.modeling.causal_lm import GLMCausalLM
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
@@ -66,9 +66,7 @@ class ChatGLMConfig(PretrainedConfig):
              "must divide hidden_size into heads whose size is a multiple of 4 (two rotary halves)"),
             ("pre_seq_len", self.pre_seq_len is None or self.pre_seq_len > 0, "must be null or positive"),
         ]
-        for field, ok, message in checks:
-            if not ok:
-                raise InvalidInputError(f"{message}, got {getattr(self, field)!r}", where=f"config.{field}")
+        check_fields(self, checks, prefix="config.")
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):

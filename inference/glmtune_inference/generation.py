@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmtune.errors import InvalidInputError
+from glmtune.errors import check_fields
 
 # The original ChatGLM replaced broken scores by "all zero, token 5 very likely" so generation went on.
 _INVALID_SCORE_TOKEN = 5
@@ -50,9 +50,7 @@ class GenerationParams:
             ),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
         )
-        for name, ok, message in checks:
-            if not ok:
-                raise InvalidInputError(f"{message}, got {getattr(self, name)!r}", where=name)
+        check_fields(self, checks)
 
     @property
     def greedy(self) -> bool:
