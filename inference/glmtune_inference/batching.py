@@ -118,14 +118,8 @@ class DecodeBatch:
         deltas = {id(seq): seq.accept(token) for seq, token in zip(live, tokens, strict=True)}
         going_on = [i for i, seq in enumerate(live) if not seq.finished]
         if going_on:
-            index = torch.tensor(going_on, dtype=torch.long)
-            # Columns that are padding for every request that goes on are dead weight: cut them.
-            first_real = int(mask[index].any(dim=0).long().argmax())
-            cache = GrowingCache([
-                (self._select(k, index, first_real), self._select(v, index, first_real))
-                for k, v in _layers(out.past_key_values)
-            ])
-            self._join([live[i] for i in going_on], cache, mask[index, first_real:])
+            cache, kept_mask = self._keep_rows(out.past_key_values, mask, going_on)
+            self._join([live[i] for i in going_on], cache, kept_mask)
         return deltas
 
     @torch.inference_mode()
@@ -164,16 +158,19 @@ class DecodeBatch:
         if not keep:
             self._cache, self._mask = None, None
             return gone
-        index = torch.tensor(keep, dtype=torch.long)
-        mask = self._mask[index]
-        # Columns that are padding for every remaining request are dead weight: cut them.
-        first_real = int(mask.any(dim=0).long().argmax())
-        self._mask = mask[:, first_real:]
-        self._cache = GrowingCache([
-            (self._select(k, index, first_real), self._select(v, index, first_real))
-            for k, v in _layers(self._cache)
-        ])
+        self._cache, self._mask = self._keep_rows(self._cache, self._mask, keep)
         return gone
+
+    def _keep_rows(self, cache: GrowingCache, mask: torch.Tensor,
+                   rows: list[int]) -> tuple[GrowingCache, torch.Tensor]:
+        """The cache and mask of only `rows`, without the columns that are padding for every one of them."""
+        index = torch.tensor(rows, dtype=torch.long)
+        mask = mask[index]
+        first_real = int(mask.any(dim=0).long().argmax())
+        kept = GrowingCache([
+            (self._select(k, index, first_real), self._select(v, index, first_real)) for k, v in _layers(cache)
+        ])
+        return kept, mask[:, first_real:]
 
     def _select(self, tensor: torch.Tensor, index: torch.Tensor, cut: int) -> torch.Tensor:
         rows = tensor[index]
