@@ -12,6 +12,16 @@ from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import quantize_model
 
 
+def check_model_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                       past_key_values: object) -> None:
+    """The base models' argument rules, raised as clear errors instead of failures deep in the forward."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise InvalidInputError("pass exactly one of input_ids and inputs_embeds", where="input_ids")
+    if past_key_values is not None and not isinstance(past_key_values, Cache):
+        raise InvalidInputError("past_key_values must be a transformers Cache (DynamicCache)",
+                                where="past_key_values")
+
+
 class GLMCausalLM:
     """Mixin for `...ForConditionalGeneration`: needs `self.transformer`, `get_output_embeddings()` and
     `quantized_modules` (the block Linear suffixes weight-only quantization replaces)."""

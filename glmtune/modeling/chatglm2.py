@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from glmtune.errors import check_fields
-from glmtune.modeling.causal_lm import GLMCausalLM
+from glmtune.modeling.causal_lm import GLMCausalLM, check_model_inputs
 from glmtune.modeling.chatglm2_layers import (
     Embedding,
     GLMTransformer,
@@ -141,6 +141,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        check_model_inputs(input_ids, inputs_embeds, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if self.encoder.gradient_checkpointing and self.training:

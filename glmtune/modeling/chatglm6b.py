@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from glmtune.errors import InvalidInputError, check_fields
-from glmtune.modeling.causal_lm import GLMCausalLM
+from glmtune.modeling.causal_lm import GLMCausalLM, check_model_inputs
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
@@ -172,11 +172,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InvalidInputError("pass exactly one of input_ids and inputs_embeds", where="input_ids")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise InvalidInputError("past_key_values must be a transformers Cache (DynamicCache)",
-                                    where="past_key_values")
+        check_model_inputs(input_ids, inputs_embeds, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         batch, q = inputs_embeds.shape[:2]

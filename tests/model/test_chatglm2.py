@@ -220,3 +220,16 @@ def test_resized_vocabulary_is_what_the_config_says() -> None:
     assert model.config.padded_vocab_size == model.config.vocab_size == 160
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[150, 3]])).logits.shape == (1, 2, 160)
+
+
+@pytest.mark.parametrize(("kwargs", "where"), [
+    ({}, "input_ids"),
+    ({"input_ids": torch.tensor([[5, 6]]), "inputs_embeds": torch.zeros(1, 2, 64)}, "input_ids"),
+    ({"input_ids": torch.tensor([[5, 6]]), "past_key_values": ((torch.zeros(1), torch.zeros(1)),)},
+     "past_key_values"),
+])
+def test_bad_forward_arguments_are_named(kwargs, where) -> None:
+    from glmtune.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=f"^{where}: "):
+        random_v2()(**kwargs)

@@ -408,3 +408,15 @@ def test_inputs_that_cannot_define_positions_are_rejected():
         model(torch.tensor([PROMPTS[0]]), position_ids=torch.zeros(1, len(PROMPTS[0]), dtype=torch.long))
     with pytest.raises(InvalidInputError, match="attn_impl"):
         ChatGLMConfig(attn_impl="flash")
+
+
+@pytest.mark.parametrize(("kwargs", "where"), [
+    ({}, "input_ids"),
+    ({"input_ids": torch.tensor([[5, 6]]), "past_key_values": ((torch.zeros(1), torch.zeros(1)),)},
+     "past_key_values"),
+])
+def test_bad_forward_arguments_are_named(kwargs, where) -> None:
+    from glmtune.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=f"^{where}: "):
+        tiny_model()(**kwargs)
