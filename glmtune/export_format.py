@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from glmtune.errors import InvalidInputError
+from glmtune.storage import read_json_object
 
 EXPORT_FILE = "glmtune-export.json"
 MANIFEST_FILE = "glmtune-manifest.json"
@@ -112,8 +113,4 @@ def read_export_info(directory: str | os.PathLike[str], *, require_complete: boo
         raise InvalidInputError(f"not a glmtune export: {EXPORT_FILE} is missing", where=str(directory))
     if require_complete and not (directory / MANIFEST_FILE).is_file():
         raise InvalidInputError(f"incomplete export: {MANIFEST_FILE} is missing", where=str(directory))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from None
-    return parse_export_info(data, where=str(path))
+    return parse_export_info(read_json_object(path), where=str(path))

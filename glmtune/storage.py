@@ -200,6 +200,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n").encode())
 
 
+def read_json_object(path: str | os.PathLike, missing: str = "file is missing", where: str | None = None) -> dict:
+    """The JSON object stored in `path`. InvalidInputError when the file is missing (`missing`, at `where`, by
+    default the file), is not JSON (naming file:line), cannot be read, or holds something else than an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(missing, where=where or str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"unreadable JSON: {exc}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise InvalidInputError("expected a JSON object", where=str(path))
+    return data
+
+
 def _folder_files(local_dir: Path) -> list[Path]:
     """Regular files under `local_dir` except the manifest and fetch markers, sorted."""
     skip = {MANIFEST_NAME, _COMPLETE_MARKER}
@@ -227,15 +244,9 @@ def write_manifest(local_dir: str | os.PathLike) -> dict:
 def read_manifest(local_dir: str | os.PathLike) -> dict:
     """The folder's manifest, or InvalidInputError when it is missing or unreadable."""
     path = Path(local_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInputError(
-            f"no {MANIFEST_NAME}: the copy is incomplete or was never finished", where=str(local_dir)
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"unreadable manifest: {exc}", where=str(path)) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    manifest = read_json_object(path, f"no {MANIFEST_NAME}: the copy is incomplete or was never finished",
+                                where=str(local_dir))
+    if not isinstance(manifest.get("files"), dict):
         raise InvalidInputError("manifest has no 'files' table", where=str(path))
     return manifest
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.storage import read_json_object
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -95,18 +96,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: Any = None) -> torch
 
 def read_config_dict(directory: Path) -> dict[str, Any]:
     """The parsed config.json of a model directory, with clear errors for a missing or broken file."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise InvalidInputError("no config.json: not a model directory (expected config.json + weights)",
-                                where=str(directory))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        line = getattr(exc, "lineno", None)
-        raise InvalidInputError(f"invalid JSON: {exc}", where=f"{path}:{line}" if line else str(path)) from None
-    if not isinstance(data, dict):
-        raise InvalidInputError("config.json must hold a JSON object", where=str(path))
-    return data
+    return read_json_object(directory / CONFIG_NAME,
+                            "no config.json: not a model directory (expected config.json + weights)",
+                            where=str(directory))
 
 
 def _old_vocab_error(where: str) -> InvalidInputError:

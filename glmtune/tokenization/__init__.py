@@ -18,13 +18,12 @@ This package is importable without transformers; the tokenizer classes load on f
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from glmtune.errors import InvalidInputError
-from glmtune.storage import atomic_write_bytes, atomic_write_json, fetch, is_s3_uri
+from glmtune.storage import atomic_write_bytes, atomic_write_json, fetch, is_s3_uri, read_json_object
 
 FAMILIES = ("v1", "v2", "v3")
 V1_MODEL_FILE = "ice_text.model"
@@ -52,15 +51,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"unreadable JSON: {exc}", where=str(path)) from None
-    if not isinstance(data, dict):
-        raise InvalidInputError("expected a JSON object", where=str(path))
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _mentions_chatglm3(*configs: dict) -> bool:

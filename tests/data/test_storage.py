@@ -151,3 +151,23 @@ def test_changed_remote_listing_replaces_the_cached_copy(s3_bucket: str, tmp_pat
     assert second == first and (second / "a.txt").read_text() == "beta\n"
     storage.verify_manifest(second)
     assert not [p.name for p in first.parent.iterdir() if p.name.startswith((".fetch-", ".stale-"))]
+
+
+def test_json_files_read_back_as_objects_or_named_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    storage.atomic_write_json(good, {"a": [1, 2]})
+    assert storage.read_json_object(good) == {"a": [1, 2]}
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "a": 1,\n  oops\n}\n')
+    with pytest.raises(InvalidInputError, match=r"broken\.json:3: invalid JSON"):
+        storage.read_json_object(broken)
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(InvalidInputError, match=r"list\.json: expected a JSON object"):
+        storage.read_json_object(listing)
+    with pytest.raises(InvalidInputError, match=r"^somewhere: run the build first$"):
+        storage.read_json_object(tmp_path / "absent.json", "run the build first", where="somewhere")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / storage.MANIFEST_NAME).write_text("{")
+    with pytest.raises(InvalidInputError, match=rf"{storage.MANIFEST_NAME}:1: invalid JSON"):
+        storage.read_manifest(tmp_path / "copy")

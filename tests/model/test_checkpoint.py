@@ -142,6 +142,9 @@ def test_old_150528_vocabulary_v1_checkpoint_says_what_to_do(tmp_path, tokenizer
 def test_unknown_architecture_and_missing_config_are_clear(tmp_path) -> None:
     with pytest.raises(InvalidInputError, match="no config.json"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "chatglm",\n "hidden_size": 8,,\n}')
+    with pytest.raises(InvalidInputError, match=r"config\.json:2: invalid JSON"):
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(InvalidInputError, match=r"unknown architecture \(model_type 'llama'\)"):
         load_model(tmp_path)

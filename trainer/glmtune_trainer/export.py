@@ -58,7 +58,7 @@ def read_run(checkpoint_dir: Path) -> dict[str, Any]:
     if not path.is_file() or not (checkpoint_dir / WEIGHTS_FILE).is_file():
         raise InvalidInputError(f"not a glmtune training checkpoint ({RUN_FILE} or {WEIGHTS_FILE} missing)",
                                 where=str(checkpoint_dir))
-    return json.loads(path.read_text(encoding="utf-8"))
+    return storage.read_json_object(path)
 
 
 def rebuild_trained_model(checkpoint_dir: Path, run: dict[str, Any], merge: bool = True) -> torch.nn.Module:

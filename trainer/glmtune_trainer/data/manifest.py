@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -22,16 +21,10 @@ TOKENIZER_DIR = "tokenizer"
 def read_manifest(directory: str | os.PathLike) -> dict:
     """A finished build's manifest; InvalidInputError when the folder holds no finished build."""
     path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidInputError(
-            "no records here (manifest.json is missing: run `glmtune data build`, or the "
-            "build was interrupted)",
-            where=str(directory),
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"unreadable manifest: {exc}", where=str(path)) from None
+    manifest = storage.read_json_object(
+        path, "no records here (manifest.json is missing: run `glmtune data build`, or the build was interrupted)",
+        where=str(directory),
+    )
     if manifest.get("format") != FORMAT_VERSION:
         raise InvalidInputError(f"not a {FORMAT_VERSION} manifest", where=str(path))
     return manifest
