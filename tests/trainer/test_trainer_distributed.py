@@ -21,6 +21,30 @@ def _losses(workdir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(workdir / "logs", "train")]
 
 
+def _train_single_then_write_multi(single: dict, multi: dict, stage: int | None, tmp_path: Path) -> Path:
+    """Train `single` in-process into tmp_path/single; write `multi` (on DeepSpeed `stage` if given) as the
+    two-process run's spec file and return it."""
+    from glmtune.spec import spec_from_mapping
+
+    if stage is not None:
+        multi["spec"]["training"]["deepspeed"] = {"stage": stage}
+    train(spec_from_mapping(single, "single"), tmp_path / "single")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(multi))
+    return spec_file
+
+
+def _torchrun(spec_file: Path, workdir: Path, extensions_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a 2-process torchrun of `spec_file` (no inherited rank variables)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
+           "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "glmtune_trainer", str(spec_file), "--workdir", str(workdir)]
+    return command, env
+
+
 @pytest.fixture(scope="session")
 def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """DeepSpeed compiles its CPU ops once per session into this folder (never ~/.cache)."""
@@ -33,8 +57,6 @@ def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_processes_match_single_process_with_the_same_global_batch(tiny_model, tmp_path: Path,
                                                                        extensions_dir: Path, method: str,
                                                                        stage: int | None) -> None:
-    from glmtune.spec import spec_from_mapping
-
     common = {"maxSteps": 3, "learningRate": 1e-2}
     method_settings = {"dropout": 0.0} if method == "lora" else None
     single = spec_mapping(tiny_model("v2"), tmp_path / "single-export", method, batchSize=4, **common)
@@ -42,17 +64,8 @@ def test_two_processes_match_single_process_with_the_same_global_batch(tiny_mode
     for mapping in (single, multi):
         if method_settings:
             mapping["spec"]["method"]["lora"] = method_settings
-    if stage is not None:
-        multi["spec"]["training"]["deepspeed"] = {"stage": stage}
-    train(spec_from_mapping(single, "single"), tmp_path / "single")
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(multi))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
-           "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "glmtune_trainer", str(spec_file), "--workdir", str(tmp_path / "multi")]
+    spec_file = _train_single_then_write_multi(single, multi, stage, tmp_path)
+    command, env = _torchrun(spec_file, tmp_path / "multi", extensions_dir)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=570)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
@@ -83,8 +96,6 @@ def test_two_process_run_killed_and_resumed_keeps_the_loss_curve(tiny_model, tmp
     import signal
     import time
 
-    from glmtune.spec import spec_from_mapping
-
     # 16 samples split evenly over 2 ranks: no rank pads its share with a repeated sample at epoch ends.
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"问题 {i} 是什么？", "output": f"答案是 {i * 7}。"},
@@ -98,18 +109,10 @@ def test_two_process_run_killed_and_resumed_keeps_the_loss_curve(tiny_model, tmp
     for mapping in (single, multi):
         mapping["spec"]["method"]["lora"] = {"dropout": 0.0}
         mapping["spec"]["data"]["sources"] = [str(data)]
-    if stage is not None:
-        multi["spec"]["training"]["deepspeed"] = {"stage": stage}
-    train(spec_from_mapping(single, "single"), tmp_path / "single")
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(multi))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
-           "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+    spec_file = _train_single_then_write_multi(single, multi, stage, tmp_path)
 
     def launch() -> subprocess.Popen:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   f"--master_port={free_port()}", "-m", "glmtune_trainer", str(spec_file),
-                   "--workdir", str(tmp_path / "multi")]
+        command, env = _torchrun(spec_file, tmp_path / "multi", extensions_dir)
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
 
