@@ -21,3 +21,8 @@ def require_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} is absent (set GLMTUNE_SHARED to the shared folder)")
     return path
+
+
+def reference_mismatches(reference: dict, key: str, produce) -> list:
+    """(kind, produced, expected) for every reference case whose `key` differs from `produce(case)`."""
+    return [(case["kind"], got, case[key]) for case in reference["cases"] if (got := produce(case)) != case[key]]

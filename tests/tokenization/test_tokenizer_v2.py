@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from testkit import require_shared
+from testkit import reference_mismatches, require_shared
 
 from glmtune.errors import InvalidInputError
 from glmtune.tokenization import detect_family, load_tokenizer
@@ -42,32 +42,28 @@ def tok3(real_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return load_tokenizer(_v3_dir(real_dir, tmp_path_factory.mktemp("v3") / "tok", {"family": "v3"}))
 
 
-def _mismatches(reference: dict, key: str, produce) -> list:
-    return [(case["kind"], produce(case), case[key]) for case in reference["cases"] if produce(case) != case[key]]
-
-
 def test_real_directory_is_detected_as_v2(real_dir: Path, tok) -> None:
     assert detect_family(real_dir) == "v2"
     assert type(tok).__name__ == "ChatGLM2Tokenizer" and tok.family == "v2"
 
 
 def test_encode_prepends_gmask_and_sop_like_the_original(reference: dict, tok) -> None:
-    assert _mismatches(reference, "ids", lambda c: tok.encode(c["text"])) == []
+    assert reference_mismatches(reference, "ids", lambda c: tok.encode(c["text"])) == []
 
 
 def test_encode_without_special_tokens_matches_the_original(reference: dict, tok) -> None:
     produce = lambda c: tok.encode(c["text"], add_special_tokens=False)  # noqa: E731
-    assert _mismatches(reference, "ids_no_special_tokens", produce) == []
+    assert reference_mismatches(reference, "ids_no_special_tokens", produce) == []
 
 
 def test_tokens_are_plain_sentencepiece_pieces(reference: dict, tok) -> None:
-    assert _mismatches(reference, "tokens", lambda c: tok.tokenize(c["text"])) == []
+    assert reference_mismatches(reference, "tokens", lambda c: tok.tokenize(c["text"])) == []
 
 
 def test_decode_matches_the_original_and_round_trips(reference: dict, tok) -> None:
     plain = lambda c: tok.decode(c["ids_no_special_tokens"])  # noqa: E731
-    assert _mismatches(reference, "decode(ids_no_special_tokens)", plain) == []
-    assert _mismatches(reference, "decode(ids)", lambda c: tok.decode(c["ids"])) == []
+    assert reference_mismatches(reference, "decode(ids_no_special_tokens)", plain) == []
+    assert reference_mismatches(reference, "decode(ids)", lambda c: tok.decode(c["ids"])) == []
     assert [c["kind"] for c in reference["cases"] if c["roundtrip_exact"] and tok.decode(tok.encode(c["text"])) !=
             c["text"]] == []
 
@@ -113,7 +109,7 @@ def test_v3_role_tokens_are_single_ids_after_eop(tok3) -> None:
 
 
 def test_v3_encodes_ordinary_text_exactly_like_v2(reference: dict, tok3) -> None:
-    assert _mismatches(reference, "ids", lambda c: tok3.encode(c["text"])) == []
+    assert reference_mismatches(reference, "ids", lambda c: tok3.encode(c["text"])) == []
 
 
 def test_save_pretrained_keeps_the_layout_and_the_family(tmp_path: Path, real_dir: Path, tok, tok3) -> None:
