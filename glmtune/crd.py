@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from glmtune.spec import API_GROUP, API_VERSION, KIND, GLMFineTuneSpec, GLMFineTuneStatus
+from glmtune.spec.rules import crd_validations
 
 PLURAL = "glmfinetunes"
 SINGULAR = "glmfinetune"
@@ -126,6 +127,7 @@ def open_api_schema() -> dict[str, Any]:
             "spec": _model_schema(GLMFineTuneSpec),
             "status": status,
         },
+        **crd_validations(""),  # rules that need metadata.name beside the spec
     }
 
 

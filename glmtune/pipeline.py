@@ -75,8 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     """Handler of `glmtune run`."""
     from glmtune.spec import load_spec_file
 
-    spec = load_spec_file(args.spec, args.overrides)
-    workdir = Path(args.workdir) if args.workdir else Path("glmtune-runs") / spec.name
+    spec, workdir = run_locations(load_spec_file(args.spec, args.overrides), args.workdir)
     run_pipeline(spec, workdir, serve=args.serve, nproc=args.nproc, host=args.host, port=args.port)
     return 0
 
@@ -88,8 +87,7 @@ def run_pipeline(spec: Any, workdir: str | os.PathLike[str], serve: bool = False
     started = time.monotonic()
     if nproc < 1:
         raise InvalidInputError(f"must be at least 1, got {nproc}", where="--nproc")
-    workdir = Path(workdir).expanduser().resolve()
-    spec = resolve_locations(spec, workdir)
+    spec, workdir = run_locations(spec, workdir)
     if serve:
         _check_port_free(host, port)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -128,9 +126,18 @@ def run_pipeline(spec: Any, workdir: str | os.PathLike[str], serve: bool = False
     return result
 
 
+def run_locations(spec: Any, workdir: str | os.PathLike[str] | None) -> tuple[Any, Path]:
+    """The run's absolute work directory (`workdir`, else ./glmtune-runs/<spec name>) and `spec` with its
+    locations resolved against it: how `glmtune run`, `glmtune train` and the PyTorchJob entry all place files."""
+    directory = (Path(workdir) if workdir else Path("glmtune-runs") / spec.name).expanduser().resolve()
+    return resolve_locations(spec, directory), directory
+
+
 def resolve_locations(spec: Any, workdir: Path) -> Any:
     """A copy of `spec` with relative output locations under `workdir`; `pvc://` anywhere is an input error."""
+    create = spec.spec.model.create
     fields = {"spec.model.uri": spec.spec.model.uri, "spec.output.uri": spec.spec.output.uri,
+              "spec.model.create.tokenizer": create.tokenizer if create is not None else None,
               "spec.data.cache": spec.spec.data.cache, "spec.training.checkpoint.resume":
               spec.spec.training.checkpoint.resume,
               **{f"spec.data.sources[{i}]": source for i, source in enumerate(spec.spec.data.sources)}}
@@ -192,7 +199,8 @@ def _duration(seconds: float) -> str:
 def _describe_model(spec: Any) -> str:
     model = spec.spec.model
     if model.create is not None:
-        return f"create a random {model.create.size} {model.family} model and tokenizer (seed {model.create.seed})"
+        tokenizer = f"the tokenizer of {model.create.tokenizer}" if model.create.tokenizer else "a tiny tokenizer"
+        return f"create a random {model.create.size} {model.family} model with {tokenizer} (seed {model.create.seed})"
     return f"load {model.uri}"
 
 

@@ -94,16 +94,22 @@ def _table(path: str, schema: dict[str, Any]) -> str:
             f"| `{path}.{name}` | {_cell(kind)} | {_default_of(name, child, required)} "
             f"| {_cell(child.get('description', ''))} |"
         )
-    rules = [rule["message"] for rule in schema.get("x-kubernetes-validations", ())]
+    rules = schema.get("x-kubernetes-validations", ())
     if rules:
-        lines += ["", "Rules: " + "; ".join(rules) + "."]
+        lines += ["", "Rules (checked by `kubectl apply` and by glmtune alike):", ""]
+        lines += [f"- `{path}{rule['fieldPath']}`: {_cell(rule['message'])}" for rule in rules]
     return "\n".join(lines) + "\n"
 
 
 def render_spec_reference() -> str:
     """The full Markdown reference: the intro, then one table per section of `spec` and `status`."""
-    root = open_api_schema()["properties"]
+    schema = open_api_schema()
+    root = schema["properties"]
     parts = [_INTRO]
+    if schema.get("x-kubernetes-validations"):
+        parts.append("\n".join(["Rules on the whole resource:", "",
+                                 *(f"- `{rule['fieldPath'].lstrip('.')}`: {_cell(rule['message'])}"
+                                   for rule in schema["x-kubernetes-validations"])]) + "\n")
     for top in ("spec", "status"):
         parts += [_table(path, schema) for path, schema in _sections(top, root[top])]
     return "\n".join(parts)

@@ -23,6 +23,9 @@ _REAL_V1 = {"vocab_size": 130528, "bos_token_id": 130004, "eos_token_id": 130005
             "mask_token_id": 130000, "gmask_token_id": 130001}
 _REAL_V2 = {"padded_vocab_size": 65024, "eos_token_id": 2, "pad_token_id": 0}
 _SEQ_LENGTH = {"v2": 32768, "v3": 8192}
+# The published checkpoints have more embedding rows than their tokenizer has pieces (len → vocab rows):
+# given that very tokenizer, a created model gets the published shape.
+_PUBLISHED_ROWS = {"v1": {130344: 130528}, "v2": {64794: 65024}}
 
 
 def _check(family: str, size: str) -> None:
@@ -34,21 +37,23 @@ def _check(family: str, size: str) -> None:
 
 def tiny_config(family: str, size: str = "tiny", tokenizer: Any = None) -> Any:
     """A random-init config of `family` ("v1" | "v2" | "v3"): "tiny" = 2 layers, hidden 64; "small" = 4 layers,
-    hidden 512, 8 heads. Vocabulary size and special ids come from `tokenizer`, else the published ones."""
+    hidden 512, 8 heads. Vocabulary size and special ids come from `tokenizer` (the published row count for a
+    published tokenizer), else the published ones."""
     from glmtune.modeling.checkpoint import model_classes
 
     _check(family, size)
     layers, hidden, heads = _SHAPES[size]
     config_class, _ = model_classes(family)
+    rows = None if tokenizer is None else _PUBLISHED_ROWS.get(family, {}).get(len(tokenizer), len(tokenizer))
     if family == "v1":
         ids = dict(_REAL_V1) if tokenizer is None else {
-            "vocab_size": len(tokenizer), "bos_token_id": tokenizer.sop_token_id,
+            "vocab_size": rows, "bos_token_id": tokenizer.sop_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
             "mask_token_id": tokenizer.mask_token_id, "gmask_token_id": tokenizer.gmask_token_id}
         return config_class(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                             inner_hidden_size=4 * hidden, max_sequence_length=2048, torch_dtype="float32", **ids)
     ids = dict(_REAL_V2) if tokenizer is None else {
-        "padded_vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+        "padded_vocab_size": rows, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id}
     return config_class(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                         kv_channels=hidden // heads, ffn_hidden_size=(hidden * 107 // 32) // 8 * 8,
@@ -56,17 +61,17 @@ def tiny_config(family: str, size: str = "tiny", tokenizer: Any = None) -> Any:
                         seq_length=_SEQ_LENGTH[family], torch_dtype="float32", **ids)
 
 
-def create_model_dir(family: str, size: str, out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a random-init model of `family`/`size` with a freshly trained tiny tokenizer into `out_dir`.
+def create_model_dir(family: str, size: str, out_dir: str | os.PathLike[str], seed: int = 0,
+                     tokenizer: str | os.PathLike[str] | None = None) -> Path:
+    """Write a random-init model of `family`/`size` into `out_dir`, with the tokenizer at `tokenizer` (a
+    directory or `s3://` prefix; vocabulary and special ids follow it) or a freshly trained tiny one.
 
     `load_model(out_dir)` and `load_tokenizer(out_dir)` read it back; v3 is the v2 architecture with the
-    ChatGLM3 tokenizer (role tokens) and template. Same family, size and seed give the same weights.
+    ChatGLM3 tokenizer (role tokens) and template. Same family, size, tokenizer and seed give the same weights.
     """
     import torch
 
     from glmtune.modeling.checkpoint import model_classes, save_pretrained
-    from glmtune.tokenization import load_tokenizer
-    from glmtune.tokenization.tiny import train_tiny_tokenizer
 
     _check(family, size)
     out = Path(out_dir)
@@ -74,12 +79,35 @@ def create_model_dir(family: str, size: str, out_dir: str | os.PathLike[str], se
         raise InvalidInputError("already exists and is not an empty directory", where=str(out))
     scratch = Path(tempfile.mkdtemp(prefix="glmtune-tokenizer-"))
     try:
-        tokenizer = load_tokenizer(train_tiny_tokenizer(family, scratch))
-        config = tiny_config(family, size, tokenizer)
+        loaded = _given_tokenizer(family, tokenizer) if tokenizer is not None else _tiny_tokenizer(family, scratch)
+        config = tiny_config(family, size, loaded)
         _, model_class = model_classes(family)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = model_class(config)
-        return save_pretrained(model, out, tokenizer=tokenizer)
+        return save_pretrained(model, out, tokenizer=loaded)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tiny_tokenizer(family: str, scratch: Path) -> Any:
+    from glmtune.tokenization import load_tokenizer
+    from glmtune.tokenization.tiny import train_tiny_tokenizer
+
+    return load_tokenizer(train_tiny_tokenizer(family, scratch))
+
+
+def _given_tokenizer(family: str, location: str | os.PathLike[str]) -> Any:
+    """The tokenizer at `location`, refused when it belongs to another family than the model's."""
+    from glmtune.storage import fetch, is_s3_uri
+    from glmtune.tokenization import detect_family, load_tokenizer
+
+    directory = fetch(location) if is_s3_uri(location) else Path(location).expanduser()
+    if not directory.is_dir():
+        raise InvalidInputError("not a tokenizer directory (ice_text.model or tokenizer.model inside)",
+                                where=str(location))
+    found = detect_family(directory)
+    if found != family:
+        raise InvalidInputError(f"this is a {found} tokenizer, but the model to create is {family}: give the "
+                                f"tokenizer of a {family} model", where=str(location))
+    return load_tokenizer(directory)

@@ -12,7 +12,9 @@ from glmtune.spec.cluster import (
     ResourcesSpec,
     RunPolicySpec,
     S3Spec,
+    SecretKeyRef,
     SecretRef,
+    ServingAdapter,
     ServingResources,
     ServingSpec,
     Toleration,
@@ -30,6 +32,7 @@ from glmtune.spec.method import (
 from glmtune.spec.model import CreateSpec, ModelSpec, QuantizationSpec
 from glmtune.spec.output import OutputSpec
 from glmtune.spec.resource import GLMFineTune, GLMFineTuneSpec, ObjectMeta
+from glmtune.spec.rules import RULES, Rule, rule
 from glmtune.spec.status import PHASES, Condition, GLMFineTuneStatus, RunRecord
 from glmtune.spec.training import CheckpointSpec, DeepSpeedSpec, EvaluationSpec, TrainingSpec
 
@@ -39,6 +42,7 @@ __all__ = [
     "KIND",
     "METHOD_SECTIONS",
     "PHASES",
+    "RULES",
     "AdaLoraSpec",
     "CheckpointSpec",
     "Condition",
@@ -60,9 +64,12 @@ __all__ = [
     "QuantizationSpec",
     "ResourcesSpec",
     "RunPolicySpec",
+    "Rule",
     "RunRecord",
     "S3Spec",
+    "SecretKeyRef",
     "SecretRef",
+    "ServingAdapter",
     "ServingResources",
     "ServingSpec",
     "SpecError",
@@ -73,6 +80,7 @@ __all__ = [
     "check_storage_uri",
     "format_path",
     "load_spec_file",
+    "rule",
     "spec_from_mapping",
     "spec_from_yaml",
 ]

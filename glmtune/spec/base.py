@@ -25,11 +25,14 @@ class SpecFieldError(ValueError):
     """A cross-field rule failed; `loc` is the offending field relative to the model that checked it.
 
     Pydantic keeps the exception in the error's ``ctx``, so the loader can report the exact field path
-    (``spec.method.lora``) instead of the enclosing section.
+    (``spec.method.lora``) instead of the enclosing section. `also` holds further (loc, message) problems
+    found by the same check, reported after this one.
     """
 
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+    def __init__(self, loc: tuple[str | int, ...], message: str,
+                 also: list[tuple[tuple[str | int, ...], str]] | None = None) -> None:
         self.loc = loc
+        self.also = list(also or ())
         super().__init__(message)
 
 

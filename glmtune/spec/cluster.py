@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
-from glmtune.spec.base import DNS_SUBDOMAIN_PATTERN, Quantity, SpecFieldError, SpecModel
+from glmtune.spec.base import DNS_SUBDOMAIN_PATTERN, Quantity, SpecFieldError, SpecModel, StorageUri
+from glmtune.spec.rules import crd_validations, enforce
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 _INLINE_CREDENTIALS = {
     "accessKeyId", "access_key_id", "secretAccessKey", "secret_access_key", "accessKey", "access_key",
     "secretKey", "secret_key", "sessionToken", "session_token", "awsAccessKeyId", "awsSecretAccessKey",
@@ -31,6 +33,8 @@ class Toleration(SpecModel):
 class ResourcesSpec(SpecModel):
     """Size and placement of the training job (PyTorchJob: 1 master + nodes-1 workers)."""
 
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.resources"))
+
     nodes: int = Field(1, ge=1, le=1024, description="Pods in the job (1 master + nodes-1 workers).")
     gpus_per_node: int = Field(0, ge=0, le=64, description="`nvidia.com/gpu` per pod (0: train on CPU).")
     nproc_per_node: int | None = Field(
@@ -52,12 +56,8 @@ class ResourcesSpec(SpecModel):
     )
 
     @model_validator(mode="after")
-    def _procs_fit_gpus(self) -> ResourcesSpec:
-        if self.gpus_per_node and self.nproc_per_node and self.nproc_per_node > self.gpus_per_node:
-            raise SpecFieldError(
-                ("nprocPerNode",),
-                f"nprocPerNode ({self.nproc_per_node}) exceeds gpusPerNode ({self.gpus_per_node}): one GPU per process",
-            )
+    def _rules(self, info: ValidationInfo) -> ResourcesSpec:
+        enforce(self, "spec.resources", info)
         return self
 
     @property
@@ -123,8 +123,31 @@ class ServingResources(SpecModel):
     gpus: int = Field(0, ge=0, le=16, description="`nvidia.com/gpu` per inference pod.")
 
 
+class SecretKeyRef(SpecModel):
+    """One key of a Kubernetes Secret in the resource's namespace."""
+
+    name: str = Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253, description="Name of the Secret.")
+    key: str = Field("api-key", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret.")
+
+
+class ServingAdapter(SpecModel):
+    """An adapter or ptv2 prefix export served beside the trained model, over the same base weights."""
+
+    name: str = Field(
+        max_length=63,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model name clients ask for in the OpenAI API (`model` field) to get this adapter.",
+    )
+    uri: StorageUri = Field(
+        description="The export to serve: an `adapter` or `prefix` export (glmtune-export.json) at `s3://` or "
+        "`pvc://claim/path`, trained over the same base model as the served one."
+    )
+
+
 class ServingSpec(SpecModel):
     """The inference Deployment + Service rolled out after each successful run (OpenAI-compatible API)."""
+
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.serving"))
 
     enabled: bool = Field(True, description="Serve the exported model after training.")
     replicas: int = Field(1, ge=0, le=1000, description="Inference pods.")
@@ -134,6 +157,8 @@ class ServingSpec(SpecModel):
     )
     model_name: str | None = Field(
         None,
+        max_length=63,  # bounded, so the API server can cost the CEL rules that compare it
+        pattern=MODEL_NAME_PATTERN,
         description="Model name in the OpenAI API (`model` field); default: the resource's metadata.name.",
     )
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
@@ -145,6 +170,21 @@ class ServingSpec(SpecModel):
         ge=10,
         description="How long a new model may take to load and become ready before the rollout fails.",
     )
+    api_key_secret: SecretKeyRef | None = Field(
+        None,
+        description="Secret key holding the API key clients must send (`Authorization: Bearer KEY`); "
+        "absent: the API is open to whoever reaches the Service.",
+    )
+    adapters: list[ServingAdapter] = Field(
+        [],
+        max_length=16,
+        description="More adapter or ptv2 prefix exports served by the same pods under their own model names.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self, info: ValidationInfo) -> ServingSpec:
+        enforce(self, "spec.serving", info)
+        return self
 
 
 class RunPolicySpec(SpecModel):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from glmtune.spec.base import SpecFieldError, SpecModel, StorageUri, check_storage_uri
+from glmtune.spec.rules import crd_validations, enforce
 
 DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 """File and S3 object names read as data under a directory or prefix (the trainer reads, the operator watches)."""
@@ -19,16 +20,7 @@ Strategy = Literal["truncation", "singlesliding", "doublesliding", "packing"]
 class DataSpec(SpecModel):
     """Input files, their format, the chat template and how long samples are cut or packed."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!self.watch || self.sources.exists(s, s.startsWith('s3://'))",
-                    "message": "watch needs at least one s3:// source",
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.data"))
 
     sources: list[str] = Field(
         min_length=1,
@@ -60,10 +52,6 @@ class DataSpec(SpecModel):
     workers: int = Field(1, ge=1, le=256, description="Parallel tokenization processes.")
     shuffle: bool = Field(True, description="Shuffle the records (with `seed`) before training.")
     seed: int = Field(42, ge=0, description="Seed for shuffling and the evaluation split.")
-    mixed: bool = Field(
-        True,
-        description="Mix all sources into one record set (false: keep one record set per source, in order).",
-    )
     skip_invalid: bool = Field(
         False,
         description="Skip malformed samples (reported by file:line) instead of failing on the first one.",
@@ -106,7 +94,6 @@ class DataSpec(SpecModel):
         return sources
 
     @model_validator(mode="after")
-    def _watch_needs_s3(self) -> DataSpec:
-        if self.watch and not any(source.startswith("s3://") for source in self.sources):
-            raise SpecFieldError(("watch",), "data.watch reacts to S3 drops: add at least one s3:// source")
+    def _rules(self, info: ValidationInfo) -> DataSpec:
+        enforce(self, "spec.data", info)
         return self

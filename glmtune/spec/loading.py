@@ -17,6 +17,11 @@ from glmtune.spec.base import SpecFieldError
 from glmtune.spec.resource import GLMFineTune
 
 _OBJECT_KEYS = {"apiVersion", "api_version", "kind", "metadata", "spec", "status"}
+# Fields that existed once: what to do instead, so an old spec file fails with a way forward.
+_REMOVED_FIELDS = {
+    "spec.data.mixed": "it was removed because training always draws batches from all sources together; "
+    "`glmtune data build --per-file` still writes one record set per file to inspect",
+}
 Loc = tuple[str | int, ...]
 
 
@@ -191,29 +196,34 @@ def _apply_override(obj: dict[str, Any], loc: Loc, value: Any, text: str) -> Loc
     return tuple(written)
 
 
-def _problem(error: Any, locate: Any) -> tuple[str, str]:
+def _problems(error: Any, locate: Any) -> list[tuple[str, str]]:
+    """One pydantic error as (where, message) pairs: a failed rule check may report several fields."""
     loc: Loc = tuple(error["loc"])
     message = error["msg"]
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, SpecFieldError):
-        loc, message = loc + cause.loc, str(cause)
-    elif error["type"] == "value_error":
+        pairs = [(cause.loc, str(cause)), *cause.also]
+        return [(locate(loc + field), text) for field, text in pairs]
+    if error["type"] == "value_error":
         message = message.removeprefix("Value error, ")
     elif error["type"] == "extra_forbidden":
         message = f"unknown field {loc[-1]!r}"
         close = difflib.get_close_matches(str(loc[-1]), _KNOWN_KEYS, n=1)
-        if close and close[0] != loc[-1]:
+        removed = _REMOVED_FIELDS.get(format_path(loc))
+        if removed:
+            message += f": {removed}"
+        elif close and close[0] != loc[-1]:
             message += f" (did you mean {close[0]!r}?)"
     elif error["type"] == "missing":
         message = "required field is missing"
-    return locate(loc), message
+    return [(locate(loc), message)]
 
 
 def _validate(obj: dict[str, Any], locate: Any) -> GLMFineTune:
     try:
         return GLMFineTune.model_validate(obj)
     except ValidationError as exc:
-        raise SpecError([_problem(error, locate) for error in exc.errors()]) from None
+        raise SpecError([pair for error in exc.errors() for pair in _problems(error, locate)]) from None
 
 
 def _build(document: _Document, overrides: Sequence[str], default_name: str | None) -> GLMFineTune:

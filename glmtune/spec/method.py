@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
-from glmtune.spec.base import SpecFieldError, SpecModel
+from glmtune.spec.base import SpecModel
+from glmtune.spec.rules import METHOD_SECTIONS, crd_validations, enforce
 
 MethodName = Literal["lora", "adalora", "ptv2", "freeze", "full"]
-METHOD_SECTIONS: tuple[str, ...] = ("lora", "adalora", "ptv2", "freeze")
-"""Methods that have a settings section of the same name (`full` has none)."""
+__all__ = ["METHOD_SECTIONS", "AdaLoraSpec", "FreezeSpec", "LoraSpec", "MethodSpec", "PrefixTuningSpec"]
 
 
 class LoraSpec(SpecModel):
@@ -39,6 +39,8 @@ class LoraSpec(SpecModel):
 class AdaLoraSpec(SpecModel):
     """AdaLoRA: LoRA whose rank budget is reallocated during training (seed: target 8, init 12, beta 0.85)."""
 
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.method.adalora"))
+
     target_r: int = Field(8, gt=0, description="Average rank per layer at the end of the budget schedule.")
     init_r: int = Field(12, gt=0, description="Initial rank of every adapter.")
     tinit: int = Field(0, ge=0, description="Warm-up steps before rank pruning starts.")
@@ -59,9 +61,8 @@ class AdaLoraSpec(SpecModel):
     )
 
     @model_validator(mode="after")
-    def _ranks(self) -> AdaLoraSpec:
-        if self.init_r < self.target_r:
-            raise SpecFieldError(("initR",), f"initR ({self.init_r}) must be >= targetR ({self.target_r})")
+    def _rules(self, info: ValidationInfo) -> AdaLoraSpec:
+        enforce(self, "spec.method.adalora", info)
         return self
 
 
@@ -79,16 +80,7 @@ class PrefixTuningSpec(SpecModel):
 class FreezeSpec(SpecModel):
     """Freeze part of the layers and train the rest in full; set exactly one of the two fields."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "has(self.freezeFirstLayers) != has(self.trainLastLayers)",
-                    "message": "set exactly one of freezeFirstLayers or trainLastLayers",
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.method.freeze"))
 
     freeze_first_layers: int | None = Field(
         None, ge=0, description="Freeze the embedding and the first N transformer layers; train the rest."
@@ -98,34 +90,15 @@ class FreezeSpec(SpecModel):
     )
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> FreezeSpec:
-        if (self.freeze_first_layers is None) == (self.train_last_layers is None):
-            raise SpecFieldError(
-                ("freezeFirstLayers",),
-                "set exactly one of freeze.freezeFirstLayers or freeze.trainLastLayers",
-            )
+    def _rules(self, info: ValidationInfo) -> FreezeSpec:
+        enforce(self, "spec.method.freeze", info)
         return self
-
-
-def _section_rules() -> list[dict[str, str]]:
-    return [
-        {
-            "rule": f"!has(self.{name}) || self.name == '{name}'",
-            "message": f"{name} settings need name: {name}",
-        }
-        for name in METHOD_SECTIONS
-    ] + [
-        {
-            "rule": "self.name != 'freeze' || has(self.freeze)",
-            "message": "name: freeze needs a freeze section",
-        }
-    ]
 
 
 class MethodSpec(SpecModel):
     """The tuning method; only the section named by `name` may be present (defaults fill it when absent)."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _section_rules()})
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.method"))
 
     name: MethodName = Field(
         "lora",
@@ -142,18 +115,9 @@ class MethodSpec(SpecModel):
     )
 
     @model_validator(mode="after")
-    def _sections_match_name(self) -> MethodSpec:
-        for section in METHOD_SECTIONS:
-            if section != self.name and getattr(self, section) is not None:
-                raise SpecFieldError(
-                    (section,),
-                    f"{section} settings are given but method.name is {self.name!r}: the methods are exclusive; "
-                    f"remove method.{section} or set method.name: {section}",
-                )
-        if self.name == "freeze" and self.freeze is None:
-            raise SpecFieldError(
-                ("freeze",), "name: freeze needs freeze.freezeFirstLayers or freeze.trainLastLayers"
-            )
+    def _sections_match_name(self, info: ValidationInfo) -> MethodSpec:
+        enforce(self, "spec.method", info)
+        # The chosen method's section defaults when absent (after the rules, which see what the user wrote).
         if self.name == "lora" and self.lora is None:
             self.lora = LoraSpec()
         elif self.name == "adalora" and self.adalora is None:

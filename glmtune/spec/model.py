@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
-from glmtune.spec.base import SpecFieldError, SpecModel, StorageUri
+from glmtune.spec.base import SpecModel, StorageUri
+from glmtune.spec.rules import crd_validations, enforce
 
 Family = Literal["v1", "v2", "v3"]
 Dtype = Literal["float32", "float16", "bfloat16"]
@@ -32,19 +33,20 @@ class CreateSpec(SpecModel):
         "tiny", description="Size of the random model: `tiny` (a few layers, seconds on a CPU) or `small`."
     )
     seed: int = Field(0, ge=0, description="Random seed for the weights, so a created model is reproducible.")
+    tokenizer: StorageUri | None = Field(
+        None,
+        description=(
+            "A tokenizer directory to use (e.g. a published model's, holding ice_text.model or tokenizer.model): "
+            "vocabulary size and special token ids follow it, and its family must match `model.family`. "
+            "Absent: a tiny tokenizer trained on the spot."
+        ),
+    )
 
 
 class ModelSpec(SpecModel):
     """The base model: a checkpoint to load (`uri`) or a random one to create (`create`)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "has(self.uri) != has(self.create)", "message": "set exactly one of uri or create"},
-                {"rule": "!has(self.create) || has(self.family)", "message": "create needs family"},
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.model"))
 
     uri: StorageUri | None = Field(
         None,
@@ -75,13 +77,6 @@ class ModelSpec(SpecModel):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        if self.uri is None and self.create is None:
-            raise SpecFieldError(
-                ("uri",), "set model.uri (a checkpoint to load) or model.create (a random model)"
-            )
-        if self.uri is not None and self.create is not None:
-            raise SpecFieldError(("create",), "model.uri and model.create are exclusive: keep one of them")
-        if self.create is not None and self.family is None:
-            raise SpecFieldError(("family",), "model.create needs model.family (v1, v2 or v3)")
+    def _rules(self, info: ValidationInfo) -> ModelSpec:
+        enforce(self, "spec.model", info)
         return self

@@ -15,13 +15,16 @@ class OutputSpec(SpecModel):
     uri: StorageUri = Field(
         description="Where the exported model goes: a local directory, `s3://bucket/prefix` or `pvc://claim/path`."
     )
-    export: Literal["merged", "adapter"] = Field(
-        "merged",
+    export: Literal["merged", "adapter"] | None = Field(
+        None,
         description=(
-            "`merged`: a full model with the tuning folded in (loadable without glmtune); `adapter`: only the "
-            "tuned parameters (LoRA adapter or ptv2 prefix) applied over `model.uri`."
+            "`merged`: a full model with the tuning folded in (loadable without glmtune; lora, adalora, freeze, "
+            "full); `adapter`: only the tuned parameters (LoRA adapter or ptv2 prefix) applied over `model.uri`. "
+            "Absent: `adapter` for ptv2 (a prefix cannot be merged), `merged` for the other methods."
         ),
     )
     bits: Literal[4, 8] | None = Field(
-        None, description="Re-quantize a merged export to int8 or int4 weight-only (absent: keep the dtype)."
+        None,
+        description="Re-quantize a merged or full export to int8 or int4 weight-only (absent: keep the dtype; "
+        "not for adapter or ptv2 exports).",
     )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from glmtune.spec.base import S3Uri, SpecFieldError, SpecModel, check_storage_uri
+from glmtune.spec.base import S3Uri, SpecModel, check_storage_uri
+from glmtune.spec.rules import crd_validations, enforce
 
 Optimizer = Literal["adamw", "adam", "lion", "lamb", "adafactor", "adamw8bit"]
 Scheduler = Literal["linear", "cosine", "cosineWithRestarts", "constant"]
@@ -16,6 +17,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 class DeepSpeedSpec(SpecModel):
     """Run the training under DeepSpeed ZeRO (sharded optimizer state, gradients and parameters)."""
 
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.training.deepspeed"))
+
     stage: int = Field(
         2, ge=0, le=3, description="ZeRO stage: 0 (off), 1 (optimizer), 2 (+gradients), 3 (+weights)."
     )
@@ -23,11 +26,8 @@ class DeepSpeedSpec(SpecModel):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
 
     @model_validator(mode="after")
-    def _offload_needs_stage(self) -> DeepSpeedSpec:
-        if self.offload_params and self.stage != 3:
-            raise SpecFieldError(("offloadParams",), f"offloadParams needs ZeRO stage 3, not {self.stage}")
-        if self.offload_optimizer and self.stage == 0:
-            raise SpecFieldError(("offloadOptimizer",), "offloadOptimizer needs ZeRO stage 1, 2 or 3")
+    def _rules(self, info: ValidationInfo) -> DeepSpeedSpec:
+        enforce(self, "spec.training.deepspeed", info)
         return self
 
 
@@ -76,16 +76,7 @@ class EvaluationSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """Optimization settings of the training run."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!(has(self.warmupSteps) && has(self.warmupRatio))",
-                    "message": "set warmupSteps or warmupRatio, not both",
-                }
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=crd_validations("spec.training"))
 
     epochs: int = Field(
         1, ge=1, le=100000, description="Passes over the training data (ignored with maxSteps)."
@@ -142,9 +133,6 @@ class TrainingSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Held-out evaluation.")
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> TrainingSpec:
-        if self.warmup_steps is not None and self.warmup_ratio is not None:
-            raise SpecFieldError(
-                ("warmupRatio",), "set training.warmupSteps or training.warmupRatio, not both"
-            )
+    def _rules(self, info: ValidationInfo) -> TrainingSpec:
+        enforce(self, "spec.training", info)
         return self

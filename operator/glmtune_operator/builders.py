@@ -33,6 +33,7 @@ PVC_ROOT = "/mnt/pvc"
 MASTER_PORT = 23456  # Kubeflow's default port, named `pytorchjob-port`
 GPU_RESOURCE = "nvidia.com/gpu"
 MODEL_URI_ENV = "GLMTUNE_MODEL_URI"
+API_KEY_ENV = "GLMTUNE_API_KEY"  # what `glmtune serve` reads its API key from (glmtune_inference.cli.API_KEY_ENV)
 TRAINER_COMMAND = [
     "torchrun", "--nnodes=$(PET_NNODES)", "--nproc_per_node=$(PET_NPROC_PER_NODE)",
     "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(MASTER_ADDR)", "--master_port=$(MASTER_PORT)",
@@ -78,7 +79,8 @@ def _pvc_volumes(uris: Iterable[str | None]) -> tuple[list[Manifest], list[Manif
 def _training_uris(ft: GLMFineTune) -> list[str | None]:
     spec = ft.spec
     resume = spec.training.checkpoint.resume
-    return [spec.model.uri, *spec.data.sources, spec.data.cache, spec.output.uri,
+    tokenizer = spec.model.create.tokenizer if spec.model.create is not None else None
+    return [spec.model.uri, tokenizer, *spec.data.sources, spec.data.cache, spec.output.uri,
             resume if resume not in ("auto", "never") else None]
 
 
@@ -89,6 +91,8 @@ def trainer_spec(ft: GLMFineTune, run: int) -> Manifest:
     spec["output"]["uri"] = localize(run_output_uri(ft.spec.output.uri, run))
     if "uri" in spec["model"]:
         spec["model"]["uri"] = localize(spec["model"]["uri"])
+    if "tokenizer" in spec["model"].get("create", {}):
+        spec["model"]["create"]["tokenizer"] = localize(spec["model"]["create"]["tokenizer"])
     spec["data"]["sources"] = [localize(uri) for uri in spec["data"]["sources"]]
     if "cache" in spec["data"]:
         spec["data"]["cache"] = localize(spec["data"]["cache"])
@@ -228,6 +232,14 @@ def build_pytorchjob(ft: GLMFineTune, owner: Mapping[str, Any], run: int, settin
     }, owner)
 
 
+def _api_key_env(ft: GLMFineTune) -> list[Manifest]:
+    """The server's API key, from the Secret `serving.apiKeySecret` names (never a literal in the manifest)."""
+    ref = ft.spec.serving.api_key_secret
+    if ref is None:
+        return []
+    return [{"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def serving_model_name(ft: GLMFineTune) -> str:
     """The `model` name clients use in the OpenAI API."""
     return ft.spec.serving.model_name or ft.name
@@ -237,16 +249,19 @@ def build_deployment(ft: GLMFineTune, owner: Mapping[str, Any], model_uri: str, 
                      settings: OperatorSettings) -> Manifest:
     """The inference Deployment serving `model_uri` (run `run`'s export), rolled without losing capacity."""
     serving = ft.spec.serving
-    pvc_volumes, pvc_mounts = _pvc_volumes([ft.spec.model.uri, ft.spec.output.uri])
+    adapter_uris = [adapter.uri for adapter in serving.adapters]
+    pvc_volumes, pvc_mounts = _pvc_volumes([ft.spec.model.uri, ft.spec.output.uri, *adapter_uris])
     probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    adapters = [arg for a in serving.adapters for arg in ("--adapter", f"{a.name}={localize(a.uri)}")]
     container = {
         "name": SERVER_CONTAINER,
         "image": ft.spec.images.server or settings.server_image,
         "command": ["glmtune", "serve", f"$({MODEL_URI_ENV})", "--host", "0.0.0.0", "--port", str(serving.port),
-                    "--model-name", serving_model_name(ft), "--max-batch", str(serving.max_batch_size)],
+                    "--model-name", serving_model_name(ft), "--max-batch", str(serving.max_batch_size), *adapters],
         "env": [{"name": MODEL_URI_ENV, "value": localize(model_uri)},
                 {"name": "GLMTUNE_CACHE", "value": "/cache"},
                 {"name": "HF_HUB_OFFLINE", "value": "1"},
+                *_api_key_env(ft),
                 *s3_env(ft, settings)],
         "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
         # Loading a model may take minutes: the startup probe holds liveness off until the deadline.

@@ -89,6 +89,14 @@ def test_every_referenced_s3_secret_is_an_example_with_the_expected_keys() -> No
         assert {ref.access_key_id_key, ref.secret_access_key_key} <= secret["stringData"].keys()
 
 
+def test_every_referenced_api_key_secret_is_an_example_with_the_key() -> None:
+    used = {stem: r.spec.serving.api_key_secret for stem, r in _loaded().items() if r.spec.serving.api_key_secret}
+    assert used, "an example shows how to require an API key"
+    for stem, ref in used.items():
+        assert ref.name in SECRETS, f"{stem}.yaml reads its API key from Secret {ref.name!r} that no example defines"
+        assert ref.key in SECRETS[ref.name]["stringData"]
+
+
 def test_secret_example_is_a_valid_kubernetes_secret() -> None:
     for secret in SECRETS.values():
         kubernetes_validate.validate(secret, "1.33.0", strict=True)

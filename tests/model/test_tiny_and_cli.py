@@ -41,6 +41,53 @@ def test_model_init_refuses_a_non_empty_directory(tmp_path, capsys) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+# Published tokenizer → (rows of the published embedding, special ids in the published config.json).
+PUBLISHED = {
+    "v1": ("chatglm6b", 130528, {"bos_token_id": 130004, "eos_token_id": 130005, "pad_token_id": 3,
+                                 "mask_token_id": 130000, "gmask_token_id": 130001}),
+    "v2": ("chatglm2", 65024, {"eos_token_id": 2, "pad_token_id": 0}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PUBLISHED))
+def test_model_init_with_a_published_tokenizer_has_the_real_vocabulary(shared, tmp_path, capsys,
+                                                                       family: str) -> None:
+    from glmtune.modeling import load_model
+    from glmtune.templates import encode_prompt, template_for_family
+    from glmtune.tokenization import load_tokenizer
+
+    folder, rows, ids = PUBLISHED[family]
+    given = shared / "reference" / "vectors" / "tokenizers" / folder
+    out = tmp_path / "m"
+    assert main(["model", "init", "--family", family, "--tokenizer", str(given), str(out)]) == 0
+    model, tokenizer, real = load_model(out), load_tokenizer(out), load_tokenizer(given)
+    assert model.get_input_embeddings().weight.shape[0] == rows
+    assert {key: getattr(model.config, key) for key in ids} == ids
+    assert model.config.num_layers == 2 and model.config.hidden_size == 64  # --size tiny still decides
+    text = "你好，请用一句话介绍 ChatGLM。"
+    assert tokenizer.encode(text) == real.encode(text) and len(tokenizer) == len(real)
+    prompt = encode_prompt(tokenizer, template_for_family(family), text).ids
+    with torch.no_grad():
+        generated = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=2)
+    assert generated.shape == (1, len(prompt) + 2)
+
+
+def test_small_size_with_a_published_tokenizer_keeps_its_transformer(shared) -> None:
+    from glmtune.tokenization import load_tokenizer
+
+    real = load_tokenizer(shared / "reference" / "vectors" / "tokenizers" / "chatglm6b")
+    small = tiny_config("v1", "small", real)
+    assert (small.num_layers, small.hidden_size, small.num_attention_heads, small.vocab_size) == (4, 512, 8, 130528)
+
+
+def test_model_init_refuses_a_tokenizer_of_another_family(shared, tmp_path, capsys) -> None:
+    given = shared / "reference" / "vectors" / "tokenizers" / "chatglm6b"
+    assert main(["model", "init", "--family", "v2", "--tokenizer", str(given), str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert str(given) in err and "v1 tokenizer" in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_create_model_dir_is_deterministic_per_seed(tmp_path) -> None:
     digests = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

@@ -50,6 +50,10 @@ SPECS = {
     "shared-workdir-and-pvc-uris": base_spec(model={"uri": "pvc://shared/models/chatglm3-6b"},
                                              resources={"nodes": 2, "workdirClaim": "shared"},
                                              training={"deepspeed": {"stage": 2}}),
+    "served-with-api-key-and-adapters": base_spec(serving={
+        "apiKeySecret": {"name": "chat-api", "key": "token"},
+        "adapters": [{"name": "support", "uri": "s3://models/adapters/support"},
+                     {"name": "sales", "uri": "pvc://exports/sales/run-3"}]}),
     "pvc-everywhere": base_spec(model={"uri": "pvc://models/base/chatglm2-6b"},
                                 data={"sources": ["pvc://datasets/alpaca", "s3://data/extra/"], "cache": "pvc://cache/"},
                                 output={"uri": "pvc://models/out/chat"}),
@@ -154,6 +158,16 @@ def test_pvc_uris_are_mounted_and_rewritten_to_local_paths():
     assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models"} in container["volumeMounts"]
 
 
+def test_a_created_model_reads_its_tokenizer_from_a_mounted_claim():
+    ft, owner = built(base_spec(model={"family": "v2", "create": {"size": "small",
+                                                                "tokenizer": "pvc://tokenizers/chatglm2"}}))
+    trainer = yaml.safe_load(builders.build_config_map(ft, owner, 1)["data"]["spec.yaml"])["spec"]
+    assert trainer["model"]["create"] == {"size": "small", "seed": 0, "tokenizer": "/mnt/pvc/tokenizers/chatglm2"}
+    pod = builders.build_pytorchjob(ft, owner, 1, SETTINGS)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert {"name": "pvc-tokenizers", "persistentVolumeClaim": {"claimName": "tokenizers"}} in pod["volumes"]
+    assert {"name": "pvc-tokenizers", "mountPath": "/mnt/pvc/tokenizers"} in pod["containers"][0]["volumeMounts"]
+
+
 def _trainer_pods(spec: dict[str, Any], run: int, owner_uid: str = OWNER_UID) -> dict[str, dict[str, Any]]:
     ft, owner = built(spec)
     owner["metadata"]["uid"] = owner_uid
@@ -219,6 +233,42 @@ def test_deployment_rolls_without_losing_capacity_and_gates_on_health():
     service = builders.build_service(ft, owner)
     assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+
+
+def _serve_args(container: dict[str, Any]) -> Any:
+    """The server container's command as `glmtune serve` itself parses it."""
+    import argparse
+
+    from glmtune_inference.cli import register
+
+    parser = argparse.ArgumentParser(prog="glmtune")
+    register(parser.add_subparsers(dest="command"))
+    assert container["command"][:2] == ["glmtune", "serve"]
+    return parser.parse_args(container["command"][1:])
+
+
+def test_api_key_comes_from_the_secret_and_extra_adapters_reach_the_server():
+    from glmtune_inference.cli import API_KEY_ENV, parse_adapters
+
+    ft, owner = built(SPECS["served-with-api-key-and-adapters"])
+    deployment = builders.build_deployment(ft, owner, "s3://models/finetuned/chat/run-3", 3, SETTINGS)
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": "chat-api", "key": "token"}}} in container["env"]
+    args = _serve_args(container)
+    assert args.model_name == "chat"
+    assert parse_adapters(args.adapter) == {"support": "s3://models/adapters/support",
+                                            "sales": "/mnt/pvc/exports/sales/run-3"}
+    assert {"name": "pvc-exports", "persistentVolumeClaim": {"claimName": "exports"}} in pod["volumes"]
+    assert {"name": "pvc-exports", "mountPath": "/mnt/pvc/exports"} in container["volumeMounts"]
+
+
+def test_without_serving_extras_the_api_is_open_and_serves_one_model():
+    ft, owner = built(base_spec())
+    [container] = builders.build_deployment(ft, owner, "s3://m/run-1", 1, SETTINGS)["spec"]["template"]["spec"][
+        "containers"]
+    assert not [env for env in container["env"] if env["name"] == builders.API_KEY_ENV]
+    assert _serve_args(container).adapter == []
 
 
 def test_children_are_owned_and_labelled():

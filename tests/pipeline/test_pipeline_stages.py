@@ -100,15 +100,18 @@ def test_a_checkpoint_given_as_model_uri_is_fine_tuned_with_lora(tmp_path: Path)
     assert not (tmp_path / "run" / "base-model").exists()
 
 
-@pytest.mark.parametrize("field", ["output", "source"])
+@pytest.mark.parametrize("field", ["output", "source", "tokenizer"])
 def test_pvc_locations_are_refused_outside_a_cluster(field: str, tmp_path: Path) -> None:
     from glmtune.pipeline import run_pipeline
 
     mapping = small_spec(output="pvc://models/out" if field == "output" else "export",
                          sources=["pvc://datasets/qa.jsonl"] if field == "source" else None)
+    if field == "tokenizer":
+        mapping["spec"]["model"]["create"]["tokenizer"] = "pvc://tokenizers/chatglm2"
     with pytest.raises(InvalidInputError) as caught:
         run_pipeline(spec_from_mapping(mapping), tmp_path / "run")
-    assert caught.value.where == ("spec.output.uri" if field == "output" else "spec.data.sources[0]")
+    assert caught.value.where == {"output": "spec.output.uri", "source": "spec.data.sources[0]",
+                                  "tokenizer": "spec.model.create.tokenizer"}[field]
     assert "only exists inside a cluster" in str(caught.value)
     assert not (tmp_path / "run").exists()
 
@@ -140,6 +143,45 @@ def test_workdir_defaults_to_the_environment_then_glmtune_runs(spec_file, tmp_pa
     monkeypatch.delenv("GLMTUNE_WORKDIR")
     assert main(["run", str(spec_file(steps=1))]) == 0
     assert (tmp_path / "glmtune-runs" / "small" / "export" / "glmtune-manifest.json").is_file()
+
+
+def test_train_puts_a_relative_output_uri_in_the_workdir_like_run(spec_file, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    spec = spec_file(steps=1, output="export")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["train", str(spec), "--workdir", "../w"]) == 0
+    export = tmp_path / "w" / "export"
+    assert read_export_info(export, require_complete=True).run["steps"] == 1
+    assert not (tmp_path / "elsewhere" / "export").exists()
+    assert f"exported (full): {export}" in capsys.readouterr().err
+
+
+def test_the_pytorchjob_entry_resolves_locations_like_run(spec_file, tmp_path: Path, monkeypatch) -> None:
+    from glmtune_trainer.__main__ import main as trainer_main
+
+    from glmtune.pipeline import run_locations
+
+    spec = spec_file(steps=1, output="final")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GLMTUNE_WORKDIR", str(tmp_path / "pod-work"))
+    assert trainer_main([str(spec)]) == 0
+    resolved, workdir = run_locations(load_spec_file(spec), None)
+    assert workdir == tmp_path / "glmtune-runs" / "small"  # without --workdir or the variable
+    assert resolved.spec.output.uri == str(workdir / "final")
+    assert (tmp_path / "pod-work" / "final" / "glmtune-manifest.json").is_file()
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_created_base_model_takes_the_given_tokenizer(shared, spec_file, tmp_path: Path, capsys) -> None:
+    from glmtune.pipeline import run_pipeline
+
+    tokenizer = shared / "reference" / "vectors" / "tokenizers" / "chatglm2"
+    spec = load_spec_file(spec_file(steps=1), [f"model.create.tokenizer={tokenizer}"])
+    run_pipeline(spec, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "base-model" / "config.json").read_text())
+    assert (config["padded_vocab_size"], config["eos_token_id"], config["pad_token_id"]) == (65024, 2, 0)
+    assert f"with the tokenizer of {tokenizer}" in capsys.readouterr().err
 
 
 def test_serving_port_in_use_fails_before_any_work(spec_file, tmp_path: Path) -> None:

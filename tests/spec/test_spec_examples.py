@@ -116,3 +116,13 @@ def test_zero_across_nodes_is_valid_with_a_shared_work_dir_claim_and_ddp_needs_n
 def test_spec_package_does_not_import_torch() -> None:
     code = "import sys, glmtune.spec, glmtune.crd, glmtune.spec_docs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(("method", "export"), [("lora", "merged"), ("adalora", "merged"), ("ptv2", "adapter"),
+                                                ("freeze", "merged"), ("full", "merged")])
+def test_absent_export_is_the_methods_own_form(method: str, export: str) -> None:
+    section = {"freeze": {"trainLastLayers": 1}} if method == "freeze" else {}
+    resource = spec_from_mapping({"model": {"uri": "m"}, "data": {"sources": ["a"]}, "output": {"uri": "o"},
+                                  "method": {"name": method, **section}, "training": {"maxSteps": 10}})
+    assert resource.spec.output.export == export
+    assert spec_from_mapping(resource.to_manifest()) == resource  # what the operator hands the trainer loads again

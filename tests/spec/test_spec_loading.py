@@ -167,3 +167,22 @@ def test_spec_from_yaml_reports_lines_under_its_source_name() -> None:
     with pytest.raises(SpecError) as raised:
         spec_from_yaml(BARE + "serving: {port: 0}\n", source="configmap/spec.yaml")
     assert raised.value.where == "configmap/spec.yaml:4 (spec.serving.port)"
+
+
+def test_the_removed_data_mixed_field_says_what_replaced_it(tmp_path) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text(BARE.replace("data: {sources: [data/a.json]}", "data: {sources: [data/a.json], mixed: false}"))
+    with pytest.raises(SpecError) as raised:
+        load_spec_file(path)
+    assert raised.value.where == f"{path}:2 (spec.data.mixed)"
+    assert "all sources together" in str(raised.value) and "--per-file" in str(raised.value)
+
+
+def test_every_broken_rule_of_a_section_is_reported(tmp_path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(BARE.replace("output: {uri: out}", "output: {uri: out, export: merged, bits: 4}")
+                    + "method: {name: ptv2}\n")
+    with pytest.raises(SpecError) as raised:
+        load_spec_file(path)
+    assert [where for where, _ in raised.value.problems] == [f"{path}:3 (spec.output.export)",
+                                                             f"{path}:3 (spec.output.bits)"]

@@ -105,7 +105,7 @@ def build_batch_source(spec: Any, base: dict[str, Any], workdir: Path, topology:
         config = BuildConfig(
             inputs=list(data.sources), tokenizer=base["path"], out=str(out), template=base["template"],
             strategy=data.strategy, max_length=data.max_length, workers=data.workers, shuffle=data.shuffle,
-            seed=data.seed, mixed=data.mixed, format=data.format, skip_invalid=data.skip_invalid,
+            seed=data.seed, format=data.format, skip_invalid=data.skip_invalid,
             max_invalid_fraction=data.max_invalid_fraction, cache=data.cache, progress=False,
         )
         return str(build_records(config).out)

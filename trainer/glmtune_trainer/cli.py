@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train", help="fine-tune a model from a spec file",
         description="Train as the GLMFineTune spec says (single process; under torchrun, one rank of many). "
-                    "Checkpoints, logs and records go to the work directory; the model is exported at the end.",
+                    "Checkpoints, logs and records go to the work directory; the model is exported at the end to "
+                    "output.uri (a relative one inside the work directory, as with `glmtune run`).",
     )
     add_train_arguments(train)
     train.set_defaults(func=run_train)
@@ -39,12 +39,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set training.maxSteps=100 (repeatable)")
     parser.add_argument("--workdir", default=os.environ.get("GLMTUNE_WORKDIR"),
-                        help="folder for records, checkpoints and logs (default: $GLMTUNE_WORKDIR or "
-                             "./glmtune-runs/<spec name>)")
+                        help="folder for records, checkpoints, logs and a relative output.uri (default: "
+                             "$GLMTUNE_WORKDIR or ./glmtune-runs/<spec name>)")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Handler of `glmtune train`: relaunch under torchrun in a multi-process PyTorchJob pod, else train."""
+    """Handler of `glmtune train`: relaunch under torchrun in a multi-process PyTorchJob pod, else train.
+
+    The work directory and the spec's locations resolve exactly as in `glmtune run` (a relative output.uri
+    lands in the work directory)."""
+    from glmtune.pipeline import run_locations
     from glmtune.spec import load_spec_file
     from glmtune_trainer.distributed import torchrun_command
 
@@ -56,7 +60,7 @@ def run_train(args: argparse.Namespace) -> int:
         return subprocess.call(relaunch)
     from glmtune_trainer.run import train
 
-    workdir = Path(args.workdir or Path("glmtune-runs") / (spec.metadata.name or "run"))
+    spec, workdir = run_locations(spec, args.workdir)
     result = train(spec, workdir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result.checkpoint_dir}", file=sys.stderr)

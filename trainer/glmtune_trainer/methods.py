@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.spec.rules import rule
 
 _LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
 PREFIX_KEY = "transformer.prefix_encoder."
@@ -70,10 +71,10 @@ def _adalora(model: nn.Module, ada: Any, total_steps: int) -> nn.Module:
 
     total = ada.total_step or total_steps
     if ada.tinit + ada.tfinal >= total:
-        raise InvalidInputError(
-            f"tinit + tfinal ({ada.tinit + ada.tfinal}) must be below the total steps ({total})",
-            where="spec.method.adalora.tinit",
-        )
+        # The spec checks this rule when the total is written down; only the trainer knows a planned one.
+        schedule = rule("adalora-schedule")
+        raise InvalidInputError(f"{schedule.message} (here {ada.tinit} + {ada.tfinal} >= {total} steps)",
+                                where=schedule.path)
     config = AdaLoraConfig(
         task_type=TaskType.CAUSAL_LM, target_r=ada.target_r, init_r=ada.init_r, tinit=ada.tinit,
         tfinal=ada.tfinal, deltaT=ada.delta_t, beta1=ada.beta1, beta2=ada.beta2,

@@ -28,7 +28,8 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
 
         path = workdir / "base-model"
         if not (path / "config.json").is_file():
-            create_model_dir(model.family, model.create.size, path, seed=model.create.seed)
+            create_model_dir(model.family, model.create.size, path, seed=model.create.seed,
+                             tokenizer=model.create.tokenizer)
     else:
         path = local_model_dir(model.uri)
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
