@@ -2,6 +2,9 @@
 
 Torch-free on purpose: the operator and the inference loader read it before deciding what to load.
 The layout of an export directory is fixed by the export contract (merged / full / adapter / prefix).
+`base_model` is a URI or an absolute path, or a path relative to the export itself for a base shipped inside
+it (`base`). The file also states how to use the export with THUDM's original code (`original_code`, derived
+from the rest on every write and never read back).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ METHODS = ("lora", "adalora", "ptv2", "freeze", "full")
 FAMILIES = ("v1", "v2", "v3")
 # Kinds that hold only a delta and need the base model they were trained from.
 KINDS_WITH_BASE = ("adapter", "prefix")
+# Where a base model shipped inside its adapter/prefix export lives, relative to the export.
+BUNDLED_BASE = "base"
+ORIGINAL_REPOS = {"v1": "THUDM/chatglm-6b", "v2": "THUDM/chatglm2-6b", "v3": "THUDM/chatglm3-6b"}
+ORIGINAL_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py",
+                       "tokenization_chatglm.py")
+_DERIVED_KEYS = ("original_code",)
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,51 @@ class ExportInfo:
         data = asdict(self)
         order = ("format", "kind", "family", "template", "method", "base_model", "pre_seq_len",
                  "prefix_projection", "quantization_bit", "created", "run")
-        return {key: data[key] for key in order}
+        return {**{key: data[key] for key in order}, "original_code": original_code_recipe(self)}
+
+
+def original_code_recipe(info: ExportInfo) -> dict[str, Any]:
+    """How to run this export with THUDM's original modeling code instead of glmtune: which files to put where,
+    the loading steps, and what differs (shown by `glmtune inspect`, written into glmtune-export.json)."""
+    repo = ORIGINAL_REPOS[info.family]
+    files = ", ".join(ORIGINAL_CODE_FILES)
+    bits = info.quantization_bit
+    load = "model = AutoModel.from_pretrained({folder}, trust_remote_code=True{config}).float()  # or .half().cuda()"
+    tokenizer = "tokenizer = AutoTokenizer.from_pretrained(this folder, trust_remote_code=True)"
+    if info.kind in KINDS_WITH_BASE:
+        folder = "the base model folder (base_model)"
+        steps = [f"copy {files} from the Hugging Face repository {repo} into {folder} and into this folder"]
+    else:
+        folder = "this folder"
+        steps = [f"copy {files} from the Hugging Face repository {repo} into this folder"]
+    if info.kind == "prefix":
+        steps += [
+            f"config = AutoConfig.from_pretrained(base folder, trust_remote_code=True, pre_seq_len={info.pre_seq_len}, "
+            f"prefix_projection={info.prefix_projection})",
+            load.format(folder="base folder", config=", config=config"),
+            "state = safetensors.torch.load_file('prefix_encoder.safetensors')",
+            "model.transformer.prefix_encoder.load_state_dict({k.removeprefix('transformer.prefix_encoder.'): v "
+            "for k, v in state.items()})",
+        ]
+    elif info.kind == "adapter":
+        steps += [load.format(folder="base folder", config=""),
+                  "model = peft.PeftModel.from_pretrained(model, this folder)  # merge_and_unload() to merge"]
+    else:
+        steps.append(load.format(folder="this folder", config=""))
+    steps.append(tokenizer)
+    notes = []
+    if bits and info.kind in KINDS_WITH_BASE:
+        notes.append(f"trained over the base quantized to int{bits}: model.quantize({bits}) reproduces that base (the "
+                     f"original ptuning/main.py does it with --quantization_bit {bits}); in full precision the answers "
+                     "can differ slightly")
+    elif bits:
+        notes.append(f"the weights are stored int{bits} (config.json quantization_bit, the chatglm-6b-int4 layout); "
+                     "the original quantization.py dequantizes with cpm_kernels, i.e. on a CUDA GPU only")
+    if info.family == "v1":
+        notes.append("the original ChatGLM-6B code builds Linear and Embedding weights in float16 and copies the "
+                     "checkpoint into them, so float32 weights are rounded to float16 on load (even with .float() "
+                     "after): its answers can differ slightly from glmtune's float32 ones")
+    return {"repository": repo, "files": list(ORIGINAL_CODE_FILES), "steps": steps, "notes": notes}
 
 
 def _check(condition: bool, message: str, key: str) -> None:
@@ -89,6 +142,7 @@ def parse_export_info(data: Any, where: str = EXPORT_FILE) -> ExportInfo:
     """Validate a decoded `glmtune-export.json` object; unknown keys are an error so typos surface."""
     if not isinstance(data, dict):
         raise InvalidInputError("must be a JSON object", where=where)
+    data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
     allowed = {f for f in ExportInfo.__dataclass_fields__}
     unknown = sorted(set(data) - allowed)
     if unknown:

@@ -287,13 +287,36 @@ def local_model_dir(path_or_uri: str | os.PathLike[str]) -> Path:
 
 def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", quantization_bit: int | None = None,
-               config_overrides: Mapping[str, Any] | None = None) -> nn.Module:
-    """Load a ChatGLM checkpoint directory (either family, as published by THUDM or written by glmtune).
+               config_overrides: Mapping[str, Any] | None = None, merge_adapter: bool = False) -> nn.Module:
+    """Load a ChatGLM checkpoint (either family, as published by THUDM) or any glmtune export, local or s3://.
 
-    `dtype` None keeps the checkpoint's torch_dtype. `quantization_bit` 8/4 quantizes after loading (a
-    checkpoint that is already quantized loads as such). `config_overrides` changes config keys first,
-    e.g. {"pre_seq_len": 16} adds a freshly initialised p-tuning v2 prefix encoder to a base model.
+    A `prefix` export comes back as its base with the trained prefix encoder; an `adapter` export as its base
+    with the peft adapter (a plain model with `merge_adapter`). `dtype` None keeps the checkpoint's.
+    `quantization_bit` 8/4 quantizes after loading; None keeps what is stored (and, for adapter/prefix
+    exports, the base precision they were trained over); 0 insists on full precision. `config_overrides`
+    changes config keys first, e.g. {"pre_seq_len": 16} adds a fresh p-tuning v2 prefix encoder to a base.
     """
+    from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, read_export_info
+
+    directory = local_model_dir(path_or_uri)
+    info = read_export_info(directory) if (directory / EXPORT_FILE).is_file() else None
+    if info is not None and info.kind in KINDS_WITH_BASE:
+        if config_overrides:
+            raise InvalidInputError(f"config_overrides do not apply to a {info.kind!r} export (it brings its own "
+                                    "configuration): load its base instead", where=str(path_or_uri))
+        from glmtune.export_loading import load_export
+
+        return load_export(directory, dtype=dtype, device=device, quantization_bit=quantization_bit,
+                           merge_adapter=merge_adapter)
+    model = load_checkpoint(directory, dtype, device, quantization_bit, config_overrides)
+    model.config._name_or_path = str(path_or_uri)
+    return model
+
+
+def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
+                    device: str | torch.device = "cpu", quantization_bit: int | None = None,
+                    config_overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """Load one checkpoint directory (config.json + weights); see `load_model` for the arguments."""
     directory = local_model_dir(path_or_uri)
     raw = read_config_dict(directory)
     where = str(directory / CONFIG_NAME)
@@ -302,10 +325,12 @@ def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | N
         check_v1_vocabulary(raw, where)
     stored_bits = int(raw.get("quantization_bit") or 0)
     if quantization_bit not in (None, 0, 4, 8):
-        raise InvalidInputError(f"quantization_bit must be 4 or 8, not {quantization_bit!r}", where="quantization_bit")
-    if stored_bits and quantization_bit and quantization_bit != stored_bits:
-        raise InvalidInputError(f"the checkpoint is already quantized to {stored_bits} bits; cannot load it as "
-                                f"{quantization_bit} bits", where=where)
+        raise InvalidInputError(f"quantization_bit must be 4 or 8 (0: full precision), not {quantization_bit!r}",
+                                where="quantization_bit")
+    if stored_bits and quantization_bit is not None and quantization_bit != stored_bits:
+        wanted = "in full precision" if quantization_bit == 0 else f"as {quantization_bit} bits"
+        raise InvalidInputError(f"the checkpoint is stored quantized to {stored_bits} bits; cannot load it {wanted}",
+                                where=where)
     overrides = dict(config_overrides or {})
     fresh = ("transformer.prefix_encoder",) if overrides.get("pre_seq_len") and not raw.get("pre_seq_len") else ()
     config_class, model_class = model_classes(family)

@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask")
     serve.add_argument("--default-max-tokens", type=int, default=512)
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish streams on shutdown")
+    serve.add_argument("--drain-notice", type=float, default=0.0, metavar="SECONDS",
+                       help="after SIGTERM, keep listening this long while answering new requests and /readyz "
+                            "with 503 (so a Service stops routing here), then shut down")
     serve.add_argument("--log-prompts", action="store_true", help="include prompts and answers in access logs")
     _add_load_options(serve)
     serve.set_defaults(func=run_serve)
@@ -56,8 +59,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only quantize at load")
+    parser.add_argument("--quantize", type=quantize_bits, metavar="{4,8,none}",
+                        help="weight-only int4/int8 quantize the base at load, or 'none' (0) for full precision "
+                             "(default: as the export records, e.g. the int4 base a ptv2-int4 run trained over)")
     parser.add_argument("--cache-dir", help="where s3:// models are downloaded (default $GLMTUNE_CACHE)")
+
+
+def quantize_bits(value: str) -> int:
+    """`--quantize` values: 4 or 8 bits, or none/0 for full precision."""
+    text = value.strip().lower()
+    if text in ("none", "0"):
+        return 0
+    if text in ("4", "8"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 4, 8 or none, not {value!r}")
 
 
 def _load_options(args: argparse.Namespace):
@@ -117,8 +132,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from glmtune_inference.loading import load_served_models
     from glmtune_inference.scheduler import Engine
-    from glmtune_inference.server import ServerSettings, create_app
+    from glmtune_inference.server import DrainingServer, ServerSettings, create_app
 
+    if args.drain_notice < 0:
+        raise InvalidInputError(f"must not be negative, got {args.drain_notice}", where="--drain-notice")
     for flag, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size),
                         ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-tokens", args.max_tokens),
                         ("--default-max-tokens", args.default_max_tokens)):
@@ -136,7 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"glmtune serve: {listing} on http://{args.host}:{args.port}", file=sys.stderr)
     config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, access_log=False,
                             timeout_graceful_shutdown=int(args.drain_timeout) or None)
-    uvicorn.Server(config).run()
+    DrainingServer(config, engine, args.drain_notice).run()
     return 0
 
 

@@ -131,9 +131,14 @@ class Engine:
         self._thread.start()
         self._accepting = True
 
+    def refuse_new(self) -> None:
+        """Stop taking requests (submit raises EngineUnavailableError) while queued and running ones go on."""
+        with self._lock:
+            self._accepting = False
+
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `drain_timeout` s, cancel the rest, join."""
-        self._accepting = False
+        self.refuse_new()
         deadline = time.monotonic() + drain_timeout
         with self._lock:
             while (self._waiting or self.running) and time.monotonic() < deadline:

@@ -2,7 +2,10 @@
 the seed project's `POST /`, and `/healthz`, `/readyz`, `/metrics`.
 
 Requests only name served models (never paths); every limit a client can exceed answers 422 naming the
-field, a full queue 429 and a draining server 503, both with Retry-After.
+field, a full queue 429 and a draining server 503, both with Retry-After. `DrainingServer` gives a
+terminating pod a drain notice: for a few seconds after SIGTERM it still listens but takes no new work
+(503 + Retry-After, /readyz 503), so the Service drops it and clients retry elsewhere instead of meeting a
+refused connection; then uvicorn's graceful shutdown lets open requests finish.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -285,6 +291,28 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain notice of `notice_s` seconds between SIGTERM/SIGINT and its own shutdown, during
+    which the engine refuses new requests (503) and finishes the ones it has; a second signal skips the notice."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, notice_s: float = 0.0) -> None:
+        super().__init__(config)
+        self.engine, self.notice_s = engine, notice_s
+        self._notice: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Called by uvicorn's signal handler: start the notice, or (notice 0, repeated signal) shut down now."""
+        if self.notice_s <= 0 or self._notice is not None:
+            if self._notice is not None:
+                self._notice.cancel()
+            super().handle_exit(sig, frame)
+            return
+        self.engine.refuse_new()
+        self._notice = threading.Timer(self.notice_s, super().handle_exit, (sig, frame))
+        self._notice.daemon = True
+        self._notice.start()
 
 
 def conversation(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, str]], str | None]:

@@ -232,6 +232,12 @@ def build_pytorchjob(ft: GLMFineTune, owner: Mapping[str, Any], run: int, settin
     }, owner)
 
 
+# After SIGTERM the server keeps answering 503 (and failing /readyz) this long so the Service stops routing to
+# it before it closes its socket, then gives open streams DRAIN_TIMEOUT_SECONDS to finish.
+DRAIN_NOTICE_SECONDS = 5
+DRAIN_TIMEOUT_SECONDS = 30
+
+
 def _api_key_env(ft: GLMFineTune) -> list[Manifest]:
     """The server's API key, from the Secret `serving.apiKeySecret` names (never a literal in the manifest)."""
     ref = ft.spec.serving.api_key_secret
@@ -257,7 +263,9 @@ def build_deployment(ft: GLMFineTune, owner: Mapping[str, Any], model_uri: str, 
         "name": SERVER_CONTAINER,
         "image": ft.spec.images.server or settings.server_image,
         "command": ["glmtune", "serve", f"$({MODEL_URI_ENV})", "--host", "0.0.0.0", "--port", str(serving.port),
-                    "--model-name", serving_model_name(ft), "--max-batch", str(serving.max_batch_size), *adapters],
+                    "--model-name", serving_model_name(ft), "--max-batch", str(serving.max_batch_size),
+                    "--drain-notice", str(DRAIN_NOTICE_SECONDS), "--drain-timeout", str(DRAIN_TIMEOUT_SECONDS),
+                    *adapters],
         "env": [{"name": MODEL_URI_ENV, "value": localize(model_uri)},
                 {"name": "GLMTUNE_CACHE", "value": "/cache"},
                 {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -288,6 +296,8 @@ def build_deployment(ft: GLMFineTune, owner: Mapping[str, Any], model_uri: str, 
             "template": {
                 "metadata": {"labels": names.labels(ft.name, "server", run, ft.metadata.labels)},
                 "spec": {"containers": [container],
+                         # Room for the drain notice (endpoints drop the pod) and the open streams to finish.
+                         "terminationGracePeriodSeconds": DRAIN_NOTICE_SECONDS + DRAIN_TIMEOUT_SECONDS + 5,
                          "volumes": [{"name": "cache", "emptyDir": {}}, *pvc_volumes]},
             },
         },

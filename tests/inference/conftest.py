@@ -122,12 +122,20 @@ class ExportFactory:
         save_pretrained(model, out, tokenizer=load_tokenizer(full))
         return write_export(out, "merged", family, "full", quantization_bit=8)
 
-    def _make_adapter(self, family: str, out: Path) -> Path:
+    def _make_adapter(self, family: str, out: Path, bits: int = 0) -> Path:
         from peft import LoraConfig, get_peft_model
 
-        return self._peft(family, out, get_peft_model, LoraConfig(
-            task_type="CAUSAL_LM", target_modules=["query_key_value"], r=8, lora_alpha=16, lora_dropout=0.0),
-            "lora")
+        config = LoraConfig(task_type="CAUSAL_LM", target_modules=["query_key_value"], r=8, lora_alpha=16,
+                            lora_dropout=0.0)
+        if bits:
+            from glmtune.export_loading import register_quantized_linear
+
+            register_quantized_linear(config)
+        return self._peft(family, out, get_peft_model, config, "lora", bits)
+
+    def _make_adapter_int8(self, family: str, out: Path) -> Path:
+        """LoRA trained over the int8-quantized base (QuantizedLinear), as a glmtune int8 LoRA run does."""
+        return self._make_adapter(family, out, bits=8)
 
     def _make_adalora(self, family: str, out: Path) -> Path:
         from peft import AdaLoraConfig, get_peft_model
@@ -136,23 +144,23 @@ class ExportFactory:
                                tinit=5, tfinal=10, deltaT=2, total_step=100, lora_alpha=16, lora_dropout=0.0)
         return self._peft(family, out, get_peft_model, config, "adalora")
 
-    def _peft(self, family: str, out: Path, wrap: Callable, config: Any, method: str) -> Path:
+    def _peft(self, family: str, out: Path, wrap: Callable, config: Any, method: str, bits: int = 0) -> Path:
         from glmtune.modeling import load_model
         from glmtune.tokenization import load_tokenizer
 
         base = self.get("base", family)
         tokenizer = load_tokenizer(base)
-        model = wrap(load_model(base), config)
+        model = wrap(load_model(base, quantization_bit=bits or None), config)
         allocate = getattr(model.base_model, "update_and_allocate", None) if method == "adalora" else None
         overfit(model, tokenizer, family, QA_LORA, steps=100 if method == "adalora" else 60, lr=2e-2,
                 before_step=(lambda step: allocate(step)) if allocate else None)
-        self.reference[(method if method == "adalora" else "adapter", family)] = reference_answers(
-            model, tokenizer, family, QA_LORA)
+        kind = "adalora" if method == "adalora" else "adapter" + (f"_int{bits}" if bits else "")
+        self.reference[(kind, family)] = reference_answers(model, tokenizer, family, QA_LORA)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        return write_export(out, "adapter", family, method, base=base)
+        return write_export(out, "adapter", family, method, base=base, quantization_bit=bits)
 
-    def _make_prefix(self, family: str, out: Path) -> Path:
+    def _make_prefix(self, family: str, out: Path, bits: int = 0) -> Path:
         from safetensors.torch import save_file
 
         from glmtune.modeling import load_model
@@ -160,19 +168,24 @@ class ExportFactory:
 
         base = self.get("base", family)
         tokenizer = load_tokenizer(base)
-        model = load_model(base, config_overrides={"pre_seq_len": PRE_SEQ_LEN})
+        model = load_model(base, quantization_bit=bits or None, config_overrides={"pre_seq_len": PRE_SEQ_LEN})
         model.transformer.prefix_dropout.p = 0.0
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith("transformer.prefix_encoder.")
         overfit(model, tokenizer, family, QA_PREFIX, steps=150, lr=5e-2)
-        self.reference[("prefix", family)] = reference_answers(model, tokenizer, family, QA_PREFIX)
+        self.reference[("prefix" + (f"_int{bits}" if bits else ""), family)] = reference_answers(
+            model, tokenizer, family, QA_PREFIX)
         out.mkdir(parents=True)
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("transformer.prefix_encoder.")}
         save_file(state, str(out / "prefix_encoder.safetensors"))
         shutil.copy(base / "config.json", out / "config.json")
         _set_json(out / "config.json", pre_seq_len=PRE_SEQ_LEN, prefix_projection=False)
         tokenizer.save_pretrained(out)
-        return write_export(out, "prefix", family, "ptv2", base=base, pre_seq_len=PRE_SEQ_LEN)
+        return write_export(out, "prefix", family, "ptv2", base=base, pre_seq_len=PRE_SEQ_LEN, quantization_bit=bits)
+
+    def _make_prefix_int4(self, family: str, out: Path) -> Path:
+        """p-tuning v2 trained over the int4-quantized base (the ptv2-int4 example's setup)."""
+        return self._make_prefix(family, out, bits=4)
 
 
 def _set_json(path: Path, **values: Any) -> None:
@@ -193,6 +206,26 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> ExportFactory:
     return ExportFactory(tmp_path_factory.mktemp("exports"))
 
 
+@pytest.fixture(scope="session")
+def bundle_base() -> Callable[[Path, Path, Path], Path]:
+    """`bundle_base(export, base, target)`: a copy of `export` carrying its base inside, recorded relative as
+    `base` (what export writes for a created base model), manifest rewritten."""
+
+    def bundle(export: Path, base: Path, target: Path) -> Path:
+        import json
+
+        from glmtune import storage
+
+        copy = shutil.copytree(export, target)
+        shutil.copytree(base, copy / "base")
+        info = json.loads((copy / "glmtune-export.json").read_text())
+        (copy / "glmtune-export.json").write_text(json.dumps({**info, "base_model": "base"}))
+        storage.write_manifest(copy)
+        return copy
+
+    return bundle
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -201,12 +234,15 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(app: Any, engine: Any) -> Iterator[RunningServer]:
-    """Run `app` under uvicorn on a free port of 127.0.0.1 in a thread."""
+def running_server(app: Any, engine: Any, drain_notice_s: float = 0.0) -> Iterator[RunningServer]:
+    """Run `app` under uvicorn (as `glmtune serve` does, with its drain notice) on a free port of 127.0.0.1 in a
+    thread."""
     import uvicorn
+    from glmtune_inference.server import DrainingServer
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=10))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=10)
+    server = DrainingServer(config, engine, drain_notice_s)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -227,12 +263,13 @@ def server_factory() -> Callable[..., contextlib.AbstractContextManager[RunningS
     """`with server_factory(served_models, **settings) as running:` a real server over a fresh engine."""
 
     @contextlib.contextmanager
-    def serve(models: dict, max_batch: int = 8, queue_size: int = 16, **settings: Any) -> Iterator[RunningServer]:
+    def serve(models: dict, max_batch: int = 8, queue_size: int = 16, drain_notice_s: float = 0.0,
+              **settings: Any) -> Iterator[RunningServer]:
         from glmtune_inference.scheduler import Engine
         from glmtune_inference.server import ServerSettings, create_app
 
         engine = Engine(models, max_batch=max_batch, queue_size=queue_size)
-        with running_server(create_app(engine, ServerSettings(**settings)), engine) as running:
+        with running_server(create_app(engine, ServerSettings(**settings)), engine, drain_notice_s) as running:
             yield running
 
     return serve
@@ -258,4 +295,5 @@ def served(exports: ExportFactory) -> Callable[..., dict]:
 @pytest.fixture(scope="session")
 def trained_qa() -> dict[str, tuple]:
     """The (question, answer) pairs each export kind was trained on."""
-    return {"full": QA, "int8": QA, "adapter": QA_LORA, "adalora": QA_LORA, "prefix": QA_PREFIX}
+    return {"full": QA, "int8": QA, "adapter": QA_LORA, "adapter_int8": QA_LORA, "adalora": QA_LORA,
+            "prefix": QA_PREFIX, "prefix_int4": QA_PREFIX}

@@ -3,6 +3,7 @@ manifest; a tampered object or an upload without its manifest is refused."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -72,3 +73,29 @@ def test_an_upload_without_its_manifest_is_refused(exports, bucket, tmp_path):
     with pytest.raises(InvalidInputError, match="incomplete") as err:
         load_served_models(uri, options=LoadOptions(cache_dir=tmp_path / "cache"))
     assert uri in str(err.value)
+
+
+def test_an_export_with_its_base_inside_loads_from_s3_alone(exports, bundle_base, bucket, tmp_path, trained_qa,
+                                                            monkeypatch):
+    """A created base model travels inside the export (`base/`, recorded relative): one URI is enough."""
+    import glmtune
+
+    local = bundle_base(exports.get("prefix_int4", "v2"), exports.get("base", "v2"), tmp_path / "bundled")
+    uri = f"s3://{bucket}/bundled-prefix"
+    storage.upload_dir(local, uri)
+    shutil.rmtree(local)  # only the S3 copy is left
+    (model,) = load_served_models(uri, options=LoadOptions(cache_dir=tmp_path / "cache")).values()
+    query, answer = trained_qa["prefix_int4"][0]
+    assert greedy(model, query) == answer
+    monkeypatch.setenv("GLMTUNE_CACHE", str(tmp_path / "cache2"))
+    assert glmtune.load_model(uri).config.quantization_bit == 4
+
+
+def test_inspect_reads_only_the_description_of_an_s3_export(exports, bucket):
+    from glmtune.export_inspect import describe
+
+    uri = f"s3://{bucket}/inspect-prefix"
+    storage.upload_dir(exports.get("prefix_int4", "v2"), uri)
+    data = describe(uri)
+    assert (data["kind"], data["quantization_bit"], data["complete"]) == ("prefix", 4, True)
+    assert "prefix_encoder.safetensors" in data["files"]

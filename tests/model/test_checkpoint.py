@@ -196,6 +196,15 @@ def test_quantization_bit_quantizes_a_float_checkpoint_on_load(tmp_path, tokeniz
     assert isinstance(loaded.transformer.encoder.layers[0].self_attention.query_key_value, QuantizedLinear)
 
 
+def test_a_stored_quantized_checkpoint_cannot_be_loaded_at_another_precision(tmp_path, tokenizers) -> None:
+    out = saved(random_model("v2", tokenizers).quantize(8), tmp_path / "ckpt")
+    with pytest.raises(InvalidInputError, match="stored quantized to 8 bits; cannot load it in full precision"):
+        load_model(out, quantization_bit=0)
+    with pytest.raises(InvalidInputError, match="cannot load it as 4 bits"):
+        load_model(out, quantization_bit=4)
+    assert load_model(out, quantization_bit=8).config.quantization_bit == 8
+
+
 def test_config_override_adds_a_fresh_trainable_prefix_encoder(tmp_path, tokenizers) -> None:
     model = random_model("v2", tokenizers)
     loaded = load_model(saved(model, tmp_path / "ckpt"), config_overrides={"pre_seq_len": 4})

@@ -271,6 +271,16 @@ def test_without_serving_extras_the_api_is_open_and_serves_one_model():
     assert _serve_args(container).adapter == []
 
 
+def test_server_pods_drain_before_they_stop():
+    """After SIGTERM the server answers 503 for the drain notice, then finishes streams: the pod's grace period
+    must cover both, or Kubernetes kills open generations."""
+    ft, owner = built(base_spec())
+    pod = builders.build_deployment(ft, owner, "s3://m/run-1", 1, SETTINGS)["spec"]["template"]["spec"]
+    args = _serve_args(pod["containers"][0])
+    assert args.drain_notice > 0
+    assert pod["terminationGracePeriodSeconds"] > args.drain_notice + args.drain_timeout
+
+
 def test_children_are_owned_and_labelled():
     ft, owner = built(SPECS["single-cpu"], labels={"team": "nlp"})
     children = [builders.build_config_map(ft, owner, 5), builders.build_pytorchjob(ft, owner, 5, SETTINGS),

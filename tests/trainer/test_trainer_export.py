@@ -65,14 +65,40 @@ def test_adapter_export_is_peft_format_over_the_base_model(lora_checkpoint: Path
     torch.testing.assert_close(_logits(with_adapter, ids), _logits(load_model(merged.uri), ids), rtol=1e-4, atol=1e-4)
 
 
-def test_merged_export_can_be_requantized(lora_checkpoint: Path, tmp_path: Path) -> None:
-    from glmtune.modeling import load_model
+def _block_bits(model: torch.nn.Module) -> set[int]:
     from glmtune.modeling.quantization import QuantizedLinear
 
-    result = export(lora_checkpoint, str(tmp_path / "int8"), "merged", bits=8)
-    assert read_export_info(result.uri).quantization_bit == 8
-    model = load_model(result.uri)
-    assert any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return {m.bits for m in model.modules() if isinstance(m, QuantizedLinear)}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_requantized_export_answers_exactly_as_the_quantized_in_memory_model(lora_checkpoint: Path,
+                                                                              tmp_path: Path, bits: int) -> None:
+    from glmtune.modeling import load_model
+
+    result = export(lora_checkpoint, str(tmp_path / f"int{bits}"), "merged", bits=bits)
+    assert read_export_info(result.uri).quantization_bit == bits
+    loaded = load_model(result.uri)
+    in_memory = rebuild_trained_model(lora_checkpoint, read_run(lora_checkpoint)).merge_and_unload().quantize(bits)
+    assert _block_bits(loaded) == {bits}
+    ids = [5, 6, 7, 8, 9, 10]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(in_memory, ids), rtol=0, atol=0)
+
+
+def test_output_bits_in_the_spec_exports_int4_weights(make_spec, tmp_path: Path) -> None:
+    from glmtune.modeling import load_model
+
+    spec = make_spec("lora", family="v2", method_settings={"r": 4, "dropout": 0.0}, maxSteps=2,
+                     output={"export": "merged", "bits": 4})
+    result = train(spec, tmp_path / "run")
+    assert read_export_info(result.export.uri).quantization_bit == 4
+    loaded = load_model(result.export.uri)
+    in_memory = rebuild_trained_model(result.checkpoint_dir, read_run(result.checkpoint_dir))
+    in_memory = in_memory.merge_and_unload().quantize(4)
+    assert _block_bits(loaded) == {4}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_full_training_has_no_adapter_to_export(make_spec, tmp_path: Path) -> None:
@@ -105,6 +131,22 @@ def test_export_to_s3_marks_completion_last_and_a_retry_completes(lora_checkpoin
     local = storage.fetch(uri, cache_dir=tmp_path / "cache", require_manifest=True)
     assert read_export_info(local, require_complete=True).kind == "merged"
     assert sorted(storage.read_manifest(local)["files"]) == result.files
+
+
+def test_an_adapter_export_to_s3_carries_a_local_base_inside(lora_checkpoint: Path, s3_bucket: str,
+                                                             tmp_path: Path) -> None:
+    """The trainer's base folder is out of an inference pod's reach: it is uploaded with the adapter."""
+    import glmtune
+
+    uri = f"s3://{s3_bucket}/models/adapter"
+    result = export(lora_checkpoint, uri, "adapter")
+    assert {"base/config.json", "base/model.safetensors", "adapter_model.safetensors"} <= set(result.files)
+    local = storage.fetch(uri, cache_dir=tmp_path / "cache", require_manifest=True)
+    assert read_export_info(local).base_model == "base"
+    merged = export(lora_checkpoint, str(tmp_path / "merged"), "merged")
+    ids = [5, 6, 7, 8, 9]
+    torch.testing.assert_close(_logits(glmtune.load_model(uri), ids), _logits(glmtune.load_model(merged.uri), ids),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_export_cli_reports_a_bad_checkpoint_with_exit_code_2(tmp_path: Path, capsys) -> None:

@@ -41,3 +41,32 @@ def test_training_on_glmtune_weight_only_quantized_base(make_spec, tmp_path: Pat
     trained = load_weights(result.checkpoint_dir / "model.safetensors")
     prefix = "transformer.prefix_encoder." if method == "ptv2" else None
     assert all(k.startswith(prefix) if prefix else "lora_" in k for k in trained)
+
+
+def test_a_ptv2_int4_export_is_served_over_the_int4_base_it_was_trained_on(make_spec, tmp_path: Path) -> None:
+    """export.json records the int4 base; serving quantizes it again, so the served answer is the trained model's."""
+    from glmtune_inference.chat import ChatModel
+    from glmtune_inference.loading import ServedModel, load_served_models
+
+    from glmtune.export_format import read_export_info
+    from glmtune.modeling import load_model
+    from glmtune.modeling.quantization import QuantizedLinear
+    from glmtune.spec import spec_from_mapping
+    from glmtune.tokenization import load_tokenizer
+
+    spec = make_spec("ptv2", family="v2", method_settings={"preSeqLen": 4}, maxSteps=3, learningRate=5e-2)
+    mapping = spec.model_dump(by_alias=True, exclude_none=True)
+    mapping["spec"]["model"]["quantization"] = {"bits": 4, "backend": "glmtune"}
+    result = train(spec_from_mapping(mapping, "test"), tmp_path / "run")
+    assert read_export_info(result.export.uri).quantization_bit == 4
+    (served,) = load_served_models(result.export.uri).values()
+    assert {m.bits for m in served.model.modules() if isinstance(m, QuantizedLinear)} == {4}
+
+    base = mapping["spec"]["model"]["uri"]
+    trained = load_model(base, quantization_bit=4, config_overrides={"pre_seq_len": 4, "prefix_projection": False})
+    trained.load_state_dict(load_weights(result.checkpoint_dir / "model.safetensors"), strict=False)
+    in_memory = ServedModel("trained", trained.eval(), load_tokenizer(base), served.template, served.family,
+                            served.context_length, prefix_len=4)
+    for query in ("你好", "写一首诗"):
+        expected = ChatModel(in_memory).chat(query, do_sample=False, max_new_tokens=12)[0]
+        assert ChatModel(served).chat(query, do_sample=False, max_new_tokens=12)[0] == expected

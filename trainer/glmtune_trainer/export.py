@@ -4,6 +4,11 @@ LoRA / AdaLoRA merge into the float base and are written in the ORIGINAL key for
 safetensors + config.json + tokenizer), or as a peft adapter; ptv2 writes only the prefix encoder and a
 config carrying `pre_seq_len`; freeze / full write the whole model. Merged and full exports can be
 re-quantized to int8/int4. `glmtune-export.json` and then the checksum manifest are written last.
+
+An adapter or prefix export names its base so that every reader of the export can reach it: a remote base as
+its URI, a local base by its absolute path when the export is local too; when the export goes to S3 and the
+base only exists on the trainer's disk (a `model.create` base, a local path), the base travels inside the
+export as `base/` and is recorded relative.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from glmtune import storage
 from glmtune.errors import InvalidInputError
-from glmtune.export_format import ExportInfo, write_export_info
+from glmtune.export_format import BUNDLED_BASE, ExportInfo, write_export_info
 from glmtune_trainer.checkpoint import RUN_FILE, WEIGHTS_FILE, load_weights
 from glmtune_trainer.methods import PREFIX_KEY, apply_method, load_overrides
 
@@ -103,8 +108,23 @@ def _write_prefix(model: torch.nn.Module, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None) -> str:
-    """Write the export files into the (empty) directory `out`; returns the kind."""
+def base_reference(run: dict[str, Any], out: Path, remote_export: bool) -> str:
+    """What an adapter/prefix export records as its base; bundles a local base into `out/base` for a remote
+    export (an inference pod cannot reach the trainer's disk)."""
+    base_uri = str(run["base_uri"])
+    if "://" in base_uri and not base_uri.startswith("file://"):
+        return base_uri
+    local = Path(base_uri.removeprefix("file://")).resolve()
+    if not remote_export:
+        return str(local)
+    shutil.copytree(run["base_model"], out / BUNDLED_BASE,
+                    ignore=shutil.ignore_patterns(storage.MANIFEST_NAME, ".*"))
+    return BUNDLED_BASE
+
+
+def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, remote_export: bool = False) -> str:
+    """Write the export files into the (empty) directory `out`; returns the kind. `remote_export` says `out` will
+    be uploaded (a local base is then bundled inside)."""
     from glmtune.modeling import save_pretrained
 
     run = read_run(checkpoint_dir)
@@ -114,8 +134,9 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None) -
         raise InvalidInputError(f"re-quantization applies to merged or full exports, not {kind!r}", where="bits")
     model = rebuild_trained_model(checkpoint_dir, run, merge=kind in ("merged", "full"))
     base = Path(run["base_model"])
+    base_ref = base_reference(run, out, remote_export) if kind in ("adapter", "prefix") else None
     if kind == "adapter":
-        model.peft_config["default"].base_model_name_or_path = run["base_uri"]
+        model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(str(out), safe_serialization=True)
     elif kind == "prefix":
         _write_prefix(model, out)
@@ -131,7 +152,7 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None) -
         quant_bits = int(run.get("quantization_bits") or 0)
     info = ExportInfo(
         kind=kind, family=run["family"], template=run["template"], method=method,
-        base_model=run["base_uri"] if kind in ("adapter", "prefix") else None,
+        base_model=base_ref,
         pre_seq_len=run["method"].get("ptv2", {}).get("pre_seq_len") if kind == "prefix" else None,
         prefix_projection=bool(run["method"].get("ptv2", {}).get("prefix_projection")) if kind == "prefix" else False,
         quantization_bit=quant_bits, run={"spec_name": run.get("spec_name"), "steps": run.get("step", 0)},
@@ -152,7 +173,7 @@ def export(checkpoint_dir: str | os.PathLike[str], out_uri: str, mode: str = "me
         with tempfile.TemporaryDirectory(prefix="glmtune-export-") as tmp:
             staging = Path(tmp) / "export"
             staging.mkdir()
-            kind = write_export(Path(source), staging, mode, bits)
+            kind = write_export(Path(source), staging, mode, bits, remote_export=True)
             result = storage.upload_dir(staging, out_uri)
             return ExportResult(uri=out_uri, kind=kind, files=sorted(result["manifest"]["files"]))
     target = Path(out_uri.removeprefix("file://"))

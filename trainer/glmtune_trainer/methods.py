@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.export_loading import register_quantized_linear
 from glmtune.spec.rules import rule
 
 _LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
@@ -62,7 +63,7 @@ def _lora(model: nn.Module, lora: Any) -> nn.Module:
         target_modules=list(lora.target_modules), bias=lora.bias,
         modules_to_save=list(lora.modules_to_save) or None, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
     )
-    _register_quantized_linear(config)
+    register_quantized_linear(config)
     return _wrap(model, config, get_peft_model, "spec.method.lora.targetModules")
 
 
@@ -91,17 +92,6 @@ def _wrap(model: nn.Module, config: Any, get_peft_model: Any, where: str) -> nn.
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise InvalidInputError(str(exc).splitlines()[0], where=where) from None
         raise
-
-
-def _register_quantized_linear(config: Any) -> None:
-    """Let peft put LoRA on glmtune's weight-only int8/int4 layers (the chatglm-6b-int4 path)."""
-    try:
-        from glmtune.modeling.quantization import QuantizedLinear
-    except ImportError:
-        return
-    from peft.tuners.lora import Linear as LoraLinear
-
-    config._register_custom_module({QuantizedLinear: LoraLinear})
 
 
 def layer_count(model: nn.Module) -> int:

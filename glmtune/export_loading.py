@@ -1,0 +1,187 @@
+"""Assembling a model from any glmtune export: the one place that knows how each kind is put together.
+
+merged / full exports are plain checkpoints; an `adapter` export is its base plus a peft adapter (merged
+into the base on request); a `prefix` export is its base rebuilt with a p-tuning v2 prefix encoder whose
+base tensors are the base model's own. The base is quantized as the export records (`quantization_bit`,
+the precision it was trained over) unless the caller overrides it. A base bundled inside the export
+(`base_model` relative, e.g. "base") is resolved against the export's own folder, local or downloaded
+from `s3://`. `glmtune.load_model` and the serving loader both call this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import nn
+
+from glmtune import storage
+from glmtune.errors import InvalidInputError
+from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, ExportInfo, read_export_info
+
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_KEY = "transformer.prefix_encoder."
+
+
+def locate(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, ExportInfo | None]:
+    """A local, verified folder for `uri` and its export description (None for a plain model folder).
+
+    Remote folders must carry the checksum manifest (written last by export: its absence is an unfinished
+    upload); a local folder with a manifest is checked against it.
+    """
+    if storage.is_s3_uri(uri):
+        path = storage.fetch(str(uri), Path(cache_dir) / "s3" if cache_dir else None, require_manifest=True)
+    else:
+        path = Path(str(uri).removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise InvalidInputError("no such model directory", where=str(uri))
+        if (path / storage.MANIFEST_NAME).is_file():
+            storage.verify_manifest(path)
+    if not (path / EXPORT_FILE).is_file():
+        return path, None
+    return path, read_export_info(path, require_complete=storage.is_s3_uri(uri))
+
+
+def resolve_base(info: ExportInfo, export_dir: Path) -> str:
+    """Where the base of an adapter/prefix export is: a URI or absolute path as recorded, or a folder inside
+    the export itself when recorded relative (a bundled base, covered by the export's manifest)."""
+    recorded = info.base_model or ""
+    if storage.is_s3_uri(recorded) or "://" in recorded or Path(recorded).is_absolute():
+        return recorded.removeprefix("file://")
+    parts = PurePosixPath(recorded).parts
+    if not parts or any(part in ("..", "") for part in parts):
+        raise InvalidInputError(f"a relative base_model must name a folder inside the export, not {recorded!r}",
+                                where=f"{export_dir / EXPORT_FILE}:base_model")
+    bundled = export_dir.joinpath(*parts)
+    if not (bundled / "config.json").is_file():
+        raise InvalidInputError(f"the bundled base model {recorded!r} is missing from the export (no config.json)",
+                                where=f"{export_dir / EXPORT_FILE}:base_model")
+    return str(bundled)
+
+
+def base_quantization(recorded: int, requested: int | None) -> int | None:
+    """The bits to quantize a delta export's base to: `requested` when given (0 forces full precision), else the
+    precision the export says it was trained over (None: as the base checkpoint is stored)."""
+    if requested is None:
+        return int(recorded or 0) or None
+    if requested not in (0, 4, 8):
+        raise InvalidInputError(f"quantization must be 4, 8 or 0 (full precision), not {requested!r}",
+                                where="quantization_bit")
+    return requested
+
+
+def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
+                device: str | torch.device = "cpu", quantization_bit: int | None = None,
+                merge_adapter: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+    """Any model folder or export, assembled: base + prefix for `prefix`, base + adapter for `adapter` (a peft
+    model, or merged into a plain model with `merge_adapter`), the checkpoint itself otherwise."""
+    path, info = locate(path_or_uri, cache_dir)
+    if info is None or info.kind not in KINDS_WITH_BASE:
+        return load_base(path, dtype, device, quantization_bit)
+    base_uri = resolve_base(info, path)
+    base_dir, _ = locate(base_uri, cache_dir)
+    base = load_base(base_dir, dtype, device, base_quantization(info.quantization_bit, quantization_bit))
+    if info.kind == "adapter":
+        return attach_adapter(base, path, merge=merge_adapter)
+    return attach_prefix(base, path, info)
+
+
+def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
+              bits: int | None) -> nn.Module:
+    """A plain checkpoint folder; `bits` 4/8 quantizes after loading, 0 insists on full precision."""
+    from glmtune.modeling.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, dtype=dtype, device=device, quantization_bit=bits)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model's block Linears hold glmtune int8/int4 weights."""
+    return bool(getattr(getattr(model, "config", None), "quantization_bit", 0))
+
+
+def attach_adapter(base: nn.Module, adapter_dir: Path, name: str = "default", merge: bool = False) -> nn.Module:
+    """Wrap `base` (modified in place) with the peft adapter in `adapter_dir`; `merge` folds it into the base."""
+    from peft import PeftConfig, PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InvalidInputError("adapter export without adapter_config.json", where=str(adapter_dir))
+    if merge and is_quantized(base):
+        raise InvalidInputError("an adapter cannot be merged into an int8/int4 base: load it unmerged, or in full "
+                                "precision (quantization 0) to merge", where=str(adapter_dir))
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if is_quantized(base):
+        register_quantized_linear(config)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, config=config,
+                                          is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise InvalidInputError(f"adapter does not fit the base model: {exc}", where=str(adapter_dir)) from None
+    return (model.merge_and_unload() if merge else model).eval()
+
+
+def register_quantized_linear(peft_config: Any) -> None:
+    """Let peft put LoRA layers on glmtune's weight-only int8/int4 Linears (the chatglm-6b-int4 path)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from glmtune.modeling.quantization import QuantizedLinear
+
+    peft_config._register_custom_module({QuantizedLinear: LoraLinear})
+
+
+def attach_prefix(base: nn.Module, export_dir: Path, info: ExportInfo) -> nn.Module:
+    """A new model over `base`'s very tensors (nothing copied) plus the export's p-tuning v2 prefix encoder."""
+    from safetensors.torch import load_file
+
+    from glmtune.modeling.checkpoint import parameters_on_meta
+
+    pre_seq_len, projection = prefix_settings(export_dir, info)
+    weights = export_dir / PREFIX_WEIGHTS
+    if not weights.is_file():
+        raise InvalidInputError(f"prefix export without {PREFIX_WEIGHTS}", where=str(export_dir))
+    state = load_file(str(weights))
+    foreign = sorted(k for k in state if not k.startswith(PREFIX_KEY))
+    if foreign or not state:
+        raise InvalidInputError(f"{PREFIX_WEIGHTS} must hold only {PREFIX_KEY}* tensors (found {foreign[:3]})",
+                                where=str(weights))
+    config = copy.deepcopy(base.config)
+    config.pre_seq_len, config.prefix_projection = pre_seq_len, projection
+    with parameters_on_meta():
+        model = type(base)(config)  # a quantized config builds empty int layers: the base's int tensors fill them
+    expected = {k: v.shape for k, v in model.state_dict().items() if k.startswith(PREFIX_KEY)}
+    if set(expected) != set(state):
+        raise InvalidInputError(f"prefix weights {sorted(state)} do not match the encoder the config describes "
+                                f"({sorted(expected)}; prefix_projection={projection})", where=str(weights))
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise InvalidInputError(
+                f"{key} has shape {tuple(tensor.shape)} but pre_seq_len={pre_seq_len} and the base model need "
+                f"{tuple(expected[key])}: the prefix was trained with another pre_seq_len or another base model",
+                where=str(weights))
+    device = next(base.parameters()).device
+    # The prefix stays in float32 as training kept it; its keys/values are cast to the activations' dtype.
+    prefix = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    model.load_state_dict({**base.state_dict(keep_vars=True), **prefix}, strict=True, assign=True)
+    model.to(device)  # buffers the state dict does not carry; shared tensors are already there and stay shared
+    model.config._name_or_path = str(export_dir)
+    return model.eval()
+
+
+def prefix_settings(export_dir: Path, info: ExportInfo) -> tuple[int, bool]:
+    """pre_seq_len / prefix_projection from the export's config.json; the export description must agree."""
+    config_path = export_dir / "config.json"
+    saved = storage.read_json_object(config_path, "prefix export without config.json (it carries pre_seq_len)",
+                                     where=str(export_dir))
+    pre_seq_len = saved.get("pre_seq_len")
+    if not isinstance(pre_seq_len, int) or isinstance(pre_seq_len, bool) or pre_seq_len <= 0:
+        raise InvalidInputError("pre_seq_len must be a positive integer", where=f"{config_path}:pre_seq_len")
+    if info.pre_seq_len is not None and info.pre_seq_len != pre_seq_len:
+        raise InvalidInputError(f"pre_seq_len mismatch: config.json says {pre_seq_len}, {EXPORT_FILE} says "
+                                f"{info.pre_seq_len}", where=f"{config_path}:pre_seq_len")
+    projection = bool(saved.get("prefix_projection", info.prefix_projection))
+    if projection != bool(info.prefix_projection):
+        raise InvalidInputError(f"prefix_projection mismatch: config.json says {projection}, {EXPORT_FILE} says "
+                                f"{info.prefix_projection}", where=f"{config_path}:prefix_projection")
+    return pre_seq_len, projection
