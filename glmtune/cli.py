@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from glmtune import __version__
@@ -20,10 +21,12 @@ COMMAND_MODULES = (
     "glmtune_trainer.data.cli",  # data build|stats|show
     "glmtune_trainer.cli",  # train, export
     "glmtune_inference.cli",  # chat, serve
+    "glmtune.export_inspect",  # inspect
     "glmtune.pipeline",  # run
     "glmtune.crd",  # crd
     "glmtune_operator.cli",  # operator
 )
+DEBUG_HELP = "on an error, print the full traceback too (one line without it)"
 
 
 def _load_command_module(name: str):
@@ -42,12 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glmtune", description="Fine-tune and serve ChatGLM-family models, on a laptop or on Kubernetes."
     )
     parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = _load_command_module(name)
         if module is not None:
             module.register(subparsers)
+    _accept_debug_after_commands(subparsers, set())
     return parser
+
+
+def _accept_debug_after_commands(subparsers: argparse._SubParsersAction, seen: set[int]) -> None:
+    """Let `--debug` also follow a (sub)command (`glmtune run x.yaml --debug`), where users type it.
+
+    SUPPRESS as default keeps a subcommand from resetting a `--debug` given before it; a command that
+    defines its own `--debug` (the operator's debug logging) keeps it, and it sets the same flag.
+    """
+    for sub in subparsers.choices.values():
+        if id(sub) in seen:  # aliases share one parser
+            continue
+        seen.add(id(sub))
+        if "--debug" not in sub._option_string_actions:
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_after_commands(action, seen)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GlmtuneError as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()  # with the library error it wraps (`raise ... from`), for bug reports
         print(f"glmtune {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -70,3 +71,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+
+
+@pytest.fixture(scope="session")
+def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where DeepSpeed compiles its CPU ops, once per session: $TORCH_EXTENSIONS_DIR when CI sets one, else a
+    session folder (the same one tests/pipeline uses), never ~/.cache."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tmp_path_factory.getbasetemp() / "torch-extensions")

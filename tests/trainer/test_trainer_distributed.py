@@ -45,12 +45,6 @@ def _torchrun(spec_file: Path, workdir: Path, extensions_dir: Path) -> tuple[lis
     return command, env
 
 
-@pytest.fixture(scope="session")
-def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """DeepSpeed compiles its CPU ops once per session into this folder (never ~/.cache)."""
-    return tmp_path_factory.mktemp("torch-extensions")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "stage"), [("lora", None), ("full", None), ("lora", 2), ("full", 2),
                                                ("lora", 3), ("full", 3)])

@@ -103,11 +103,36 @@ def test_bleu4_and_rouge_l_score_characters_like_thudm() -> None:
     assert bleu4([], list("abc")) == 0.0 and rouge_l(list("xyz"), list("abc")) == 0.0
 
 
-def test_generation_metrics_are_logged_with_the_eval_loss(make_spec, tmp_path: Path) -> None:
-    spec = make_spec("lora", maxSteps=2, data={"evalSplit": 0.3},
-                     evaluation={"everyEpoch": True, "generationMetrics": True, "maxSamples": 3})
-    spec.spec.training.epochs = 1
-    spec.spec.training.max_steps = None
-    train(spec, tmp_path / "run")
-    evaluations = read_metrics(tmp_path / "run" / "logs", "eval")
-    assert evaluations and {"eval_loss", "perplexity", "bleu4", "rouge_l"} <= set(evaluations[-1])
+def test_generation_metrics_score_what_the_trained_model_answers(make_spec, tmp_path: Path) -> None:
+    import json
+
+    from glmtune_trainer.genmetrics import generation_scores
+
+    from glmtune.modeling import load_model
+    from glmtune.templates import encode_answer, encode_prompt
+    from glmtune.tokenization import load_tokenizer
+
+    # One question and answer, 12 times: the held-out copies are questions the model has memorised.
+    question, answer = "今天天气怎么样？", "今天天气很好"
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"instruction": question, "output": answer}, ensure_ascii=False) + "\n"
+                            for _ in range(12)), encoding="utf-8")
+    spec = make_spec("full", maxSteps=12, batchSize=4, learningRate=5e-3, warmupSteps=0, scheduler="constant",
+                     data={"sources": [str(data)], "evalSplit": 0.25},
+                     evaluation={"everyEpoch": True, "generationMetrics": True})
+    result = train(spec, tmp_path / "run")
+    final = read_metrics(tmp_path / "run" / "logs", "eval")[-1]
+    assert final["step"] == 12
+    # Greedy decoding returns the trained answer, exactly the held-out reference.
+    assert (final["bleu4"], final["rouge_l"]) == (pytest.approx(100.0), pytest.approx(100.0))
+
+    model = load_model(result.export.uri)
+    tokenizer = load_tokenizer(result.export.uri)
+    prompt = encode_prompt(tokenizer, "v2", question).ids
+    pairs = [(prompt, encode_answer(tokenizer, "v2", answer)), (prompt, encode_answer(tokenizer, "v2", "今天天气不好"))]
+    scores = generation_scores(model, tokenizer, "v2", pairs, torch.device("cpu"))
+    # By hand, 今天天气很好 against 今天天气不好 (characters): n-gram precisions 5/6, 3/5, 2/4, 1/3 and equal
+    # lengths (no brevity penalty) give BLEU-4 = (1/12)^(1/4); the longest common subsequence 今天天气好 (5)
+    # gives Rouge-L = 5/6. The exact pair scores 100 on both; the scores are means over pairs, x100.
+    assert scores["bleu4"] == pytest.approx((100 + 100 * (1 / 12) ** 0.25) / 2)
+    assert scores["rouge_l"] == pytest.approx((100 + 100 * 5 / 6) / 2)

@@ -50,6 +50,37 @@ def test_schedules_warm_up_then_follow_their_shape(name: str) -> None:
     assert (lrs[-1] == pytest.approx(1.0)) if name == "constant" else lrs[-1] < 0.5
 
 
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedules_equal_transformers_get_scheduler_step_for_step(name: str) -> None:
+    from transformers import get_scheduler
+
+    theirs_name = {"constant": "constant_with_warmup", "cosineWithRestarts": "cosine_with_restarts"}.get(name, name)
+    ours_optimizer, theirs_optimizer = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3) for _ in "ab")
+    ours = build_scheduler(name, ours_optimizer, warmup_steps=3, total_steps=17, num_cycles=2)
+    theirs = get_scheduler(theirs_name, theirs_optimizer, num_warmup_steps=3, num_training_steps=17,
+                           scheduler_specific_kwargs={"num_cycles": 2} if name == "cosineWithRestarts" else None)
+    for _ in range(20):  # past the end too
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        ours_optimizer.step()
+        theirs_optimizer.step()
+        ours.step()
+        theirs.step()
+
+
+def test_activation_checkpointing_is_enabled_without_deprecation_warnings(tiny_model) -> None:
+    import warnings
+
+    from glmtune_trainer.run import enable_activation_checkpointing
+
+    from glmtune.modeling import load_model
+
+    model = load_model(tiny_model("v2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5.23+ warns on the old gradient_checkpointing_enable
+        enable_activation_checkpointing(model)
+    assert [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")] == [True]
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_shipped_zero_configs_are_completed_from_the_spec(stage: int) -> None:
     config = deepspeed_config(stage, micro_batch_size=2, gradient_accumulation_steps=4, world_size=8,
@@ -72,8 +103,17 @@ def test_train_command_applies_overrides_and_writes_logs(tiny_model, tmp_path: P
     train_steps = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_steps] == [1, 2]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps"} <= set(train_steps[0])
-    assert list((tmp_path / "w" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "export" / "glmtune-manifest.json").is_file()
+    # TensorBoard holds every number of the JSON log, under "<kind>/<name>" at the same step (as float32).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "w" / "logs" / "tensorboard"))
+    board.Reload()
+    expected = {(f"{r['kind']}/{key}", r["step"]): value for r in records for key, value in r.items()
+                if key not in ("kind", "step", "time") and isinstance(value, int | float)}
+    scalars = {(tag, event.step): event.value for tag in board.Tags()["scalars"] for event in board.Scalars(tag)}
+    assert {"train/loss", "train/lr", "train/grad_norm", "summary/steps_per_s"} <= {tag for tag, _ in expected}
+    assert scalars == pytest.approx(expected, rel=1e-6)
 
 
 def test_train_command_names_the_bad_field_and_exits_2(tiny_model, tmp_path: Path, capsys) -> None:
@@ -85,15 +125,24 @@ def test_train_command_names_the_bad_field_and_exits_2(tiny_model, tmp_path: Pat
     assert "spec.training.optimizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_keeps_fp32_master_weights(make_spec, tmp_path: Path, precision: str) -> None:
+def test_mixed_precision_computes_in_half_and_keeps_fp32_master_weights(make_spec, tmp_path: Path, method: str,
+                                                                        precision: str) -> None:
     from glmtune_trainer.checkpoint import load_weights
+    from glmtune_trainer.metrics import read_metrics
     from glmtune_trainer.run import train
 
-    result = train(make_spec("lora", maxSteps=2, precision=precision), tmp_path / "run")
+    settings = {"dropout": 0.0} if method == "lora" else None
+    result = train(make_spec(method, maxSteps=2, precision=precision, method_settings=settings), tmp_path / "half")
+    train(make_spec(method, maxSteps=2, precision="fp32", method_settings=settings), tmp_path / "fp32")
     weights = load_weights(result.checkpoint_dir / "model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
-    assert result.metrics["loss"] == result.metrics["loss"]  # finite, not NaN
+    # Step 1's loss comes from the untouched model: only the precision of the forward can change it. It must
+    # differ from fp32 (a run that ignored `precision` gives the same bits) by half-precision rounding only.
+    half, full = (read_metrics(tmp_path / run / "logs", "train")[0]["loss"] for run in ("half", "fp32"))
+    assert half != full
+    assert half == pytest.approx(full, rel=2e-2)
 
 
 def test_time_based_checkpoints_are_due_after_the_interval() -> None:

@@ -14,15 +14,18 @@ trips a gloo/NCCL timeout), so no process ever waits on a file written only on a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -136,14 +139,103 @@ def torchrun_command(argv: list[str], env: dict[str, str] | None = None) -> list
     ]
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed(topology: Topology, timeout_minutes: float = 30.0) -> None:
     """Join the default process group (gloo on CPU, NCCL on GPU) when running with several processes."""
     if not topology.distributed or dist.is_initialized():
         return
+    _init_process_group(topology, timeout_minutes)
+
+
+@contextlib.contextmanager
+def process_group(topology: Topology, single_process: bool = False,
+                  timeout_minutes: float = 30.0) -> Iterator[None]:
+    """The run's process group: joined under a launcher, or (`single_process`) a world of one for DeepSpeed.
+
+    DeepSpeed always needs torch.distributed; without RANK / WORLD_SIZE / MASTER_* it falls back to MPI
+    discovery (mpi4py). A lone process therefore gets the missing rendezvous variables here (a free port on
+    127.0.0.1; values the user or a pod set are kept), and the group and variables are removed on exit so a
+    later run in the same process starts clean.
+    """
+    if topology.distributed or not single_process or dist.is_initialized():
+        init_distributed(topology, timeout_minutes)
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in RENDEZVOUS_VARS}
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        _init_process_group(topology, timeout_minutes)
+        yield
+    finally:
+        if dist.is_initialized():
+            _destroy_world()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _destroy_world() -> None:
+    """Leave the default process group, through DeepSpeed when it used it: DeepSpeed caches groups made
+    from it, which a later world in this process would find stale ("Group ... is not registered")."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
+def _init_process_group(topology: Topology, timeout_minutes: float) -> None:
+    """`init_process_group` from the environment; a failure becomes one message naming what to set."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(topology.local_rank)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(topology.local_rank)
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    except Exception as exc:  # noqa: BLE001 - any start-up failure gets the same explanation
+        where = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in RENDEZVOUS_VARS)
+        advice = ("a launcher (torchrun, a PyTorchJob) sets them; in a single process unset them and glmtune "
+                  "picks a free port on 127.0.0.1" if topology.world_size == 1 else
+                  "launch with torchrun, which sets them for every process")
+        raise GlmtuneError(f"torch.distributed could not start its {backend} process group ({where}): "
+                           f"{type(exc).__name__}: {first_line(exc)}. Check MASTER_ADDR / MASTER_PORT "
+                           f"(reachable, port free): {advice}") from exc
+
+
+def import_deepspeed() -> Any:
+    """The deepspeed module, told to use the CPU when glmtune computes on it (see `device_for`).
+
+    Saying so spares DeepSpeed's "unable to detect" accelerator warning; an import failure becomes one
+    message instead of a traceback.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except Exception as exc:  # noqa: BLE001 - absent, or present but unusable on this machine
+        raise GlmtuneError(f"training.deepspeed needs DeepSpeed, which failed to import ({type(exc).__name__}: "
+                           f"{first_line(exc)}): pip install 'glmtune[train]', or drop training.deepspeed") from exc
+    return deepspeed
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (torch appends C++ stacks), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else repr(exc)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now on `host` (for MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def device_for(topology: Topology) -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from glmtune.errors import GlmtuneError
+from glmtune_trainer.distributed import first_line, import_deepspeed
 from glmtune_trainer.loss import chunked_cross_entropy
 from glmtune_trainer.methods import adalora_orth_loss, base_model
 
@@ -133,11 +136,24 @@ class PlainEngine:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def deepspeed_startup_error(config: dict, exc: BaseException) -> GlmtuneError:
+    """One message for a failed `deepspeed.initialize`: what failed, with which settings, and what to change."""
+    zero = config.get("zero_optimization", {})
+    offload = [name for name in ("offload_optimizer", "offload_param") if name in zero]
+    return GlmtuneError(
+        f"DeepSpeed ZeRO-{zero.get('stage')} failed to start{' with ' + ' and '.join(offload) if offload else ''}: "
+        f"{type(exc).__name__}: {first_line(exc)}. Check spec.training.deepspeed (stage, offloadOptimizer, offloadParams) "
+        "and training.precision; run with --debug for DeepSpeed's traceback")
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 0-3: it owns precision, gradient partitioning and the optimizer's master weights."""
 
     def __init__(self, loss_module: CausalLMLoss, optimizer: torch.optim.Optimizer, config: dict) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
+        # DeepSpeed 0.19 calls collectives torch 2.13 deprecated; those FutureWarnings are for its authors.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                                "is deprecated", category=FutureWarning)
 
         self.loss_module = loss_module
         # The schedule drives this optimizer's param groups, which ZeRO's wrapper shares.
@@ -150,10 +166,13 @@ class DeepSpeedEngine:
             return None if self._skip else original_step(*args, **kwargs)
 
         optimizer.step = types.MethodType(guarded_step, optimizer)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=loss_module, optimizer=optimizer, config=config,
-            model_parameters=[p for p in loss_module.parameters() if p.requires_grad],
-        )
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=loss_module, optimizer=optimizer, config=config,
+                model_parameters=[p for p in loss_module.parameters() if p.requires_grad],
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed raises, the user gets one explanation
+            raise deepspeed_startup_error(config, exc) from exc
         self.gas = config["gradient_accumulation_steps"]
         self.module = self.engine
 

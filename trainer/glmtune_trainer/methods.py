@@ -8,6 +8,7 @@ and `full` only flip `requires_grad`.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -87,7 +88,11 @@ def _adalora(model: nn.Module, ada: Any, total_steps: int) -> nn.Module:
 
 def _wrap(model: nn.Module, config: Any, get_peft_model: Any, where: str) -> nn.Module:
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning since 5.23).
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):
             raise InvalidInputError(str(exc).splitlines()[0], where=where) from None

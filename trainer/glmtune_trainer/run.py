@@ -18,6 +18,7 @@ over several nodes fails at start unless they share the work dir.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,8 @@ from glmtune_trainer.distributed import (
     deepspeed_config,
     device_for,
     gather_objects,
-    init_distributed,
     per_directory,
+    process_group,
     read_topology,
     wait_for_file,
     work_dir_roles,
@@ -54,7 +55,7 @@ from glmtune_trainer.methods import (
 )
 from glmtune_trainer.metrics import MetricsLogger
 from glmtune_trainer.model_setup import load_training_model, prepare_base_model, trainable_fp32_state
-from glmtune_trainer.optim import build_optimizer, build_scheduler, parameter_groups
+from glmtune_trainer.optim import build_offload_optimizer, build_optimizer, build_scheduler, parameter_groups
 
 PREP_TIMEOUT_S = 6 * 3600.0
 
@@ -142,7 +143,10 @@ def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device:
     training = spec.spec.training
     ds = training.deepspeed
     groups = parameter_groups(model, training.weight_decay)
-    optimizer = build_optimizer(training.optimizer, groups, training.learning_rate)
+    if ds is not None and ds.offload_optimizer:
+        optimizer, deepspeed_native = build_offload_optimizer(training.optimizer, groups, training.learning_rate)
+    else:
+        optimizer, deepspeed_native = build_optimizer(training.optimizer, groups, training.learning_rate), False
     if ds is None:
         model.to(device)
         return PlainEngine(CausalLMLoss(model), optimizer, training.precision, training.max_grad_norm, device,
@@ -152,6 +156,8 @@ def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device:
         world_size=topology.world_size, max_grad_norm=training.max_grad_norm, precision=training.precision,
         offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
     )
+    if ds.offload_optimizer and not deepspeed_native:
+        config["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed's documented switch for a client optimizer
     return DeepSpeedEngine(CausalLMLoss(model, recompute=ds.stage != 3), optimizer, config)
 
 
@@ -161,11 +167,17 @@ def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_afte
     `source` replaces the records built from `spec.data` (tests); `stop_after` ends early after that many
     steps of this call without exporting (used to simulate preemption).
     """
+    topology = read_topology()
+    # DeepSpeed needs a process group even alone: a lone process gets a world of one (see process_group).
+    with process_group(topology, single_process=spec.spec.training.deepspeed is not None):
+        return _train(spec, Path(workdir), topology, source, stop_after)
+
+
+def _train(spec: Any, workdir: Path, topology: Topology, source: BatchSource | None,
+           stop_after: int | None) -> TrainResult:
     from glmtune_trainer.batches import build_batch_source
 
-    workdir = Path(workdir)
-    topology = read_topology()
-    init_distributed(topology)
+    _quiet_bitsandbytes(spec)
     device = device_for(topology)
     training = spec.spec.training
     workdir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +199,7 @@ def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_afte
     model = load_training_model(base, load_overrides(spec.spec.method))
     model = apply_method(model, spec.spec.method, total)
     if training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # master weights in fp32 whatever the base dtype
@@ -226,6 +238,31 @@ def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_afte
         exported = export(final, out.uri, out.export, out.bits)
     barrier()
     return TrainResult(checkpoint_dir=final, metrics=summary, export=exported)
+
+
+def _quiet_bitsandbytes(spec: Any) -> None:
+    """Keep bitsandbytes' CPU 4-bit kernel notice away from runs that use no 4-bit bitsandbytes layers.
+
+    peft imports bitsandbytes whenever it is installed (for every LoRA / AdaLoRA run), and on CPUs with
+    AVX512-BF16 its import logs "Failed to load CPU gemm_4bit_forward from kernels-community", a warning
+    about an optional kernel for 4-bit layers. Only a 4-bit bitsandbytes run keeps that warning.
+    """
+    quant = spec.spec.model.quantization
+    if quant is None or quant.backend != "bitsandbytes" or quant.bits != 4:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward (non-reentrant, so frozen inputs work).
+
+    transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable and made
+    the old name warn; older 5.x releases only have the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _generation_eval(spec: Any, engine: Any, source: Any, base: dict[str, Any], device: torch.device) -> Any:
