@@ -7,19 +7,19 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.hf_compat import cache_field, output_cache, take_cache
 from glmtune.modeling.loss import causal_lm_loss
 from glmtune.modeling.projection import project_to_vocab
 from glmtune.modeling.quantization import quantize_model
 
 
 def check_model_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-                       past_key_values: object) -> None:
-    """The base models' argument rules, raised as clear errors instead of failures deep in the forward."""
+                       past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The base models' argument rules, raised as clear errors instead of failures deep in the forward;
+    returns the KV cache the caller passed under either transformers name (see hf_compat)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise InvalidInputError("pass exactly one of input_ids and inputs_embeds", where="input_ids")
-    if past_key_values is not None and not isinstance(past_key_values, Cache):
-        raise InvalidInputError("past_key_values must be a transformers Cache (DynamicCache)",
-                                where="past_key_values")
+    return take_cache(past_key_values, cache)
 
 
 class GLMCausalLM:
@@ -49,19 +49,20 @@ class GLMCausalLM:
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         if kwargs.get("output_attentions"):
             raise InvalidInputError("output_attentions is not available (attention runs through SDPA)",
                                     where="output_attentions")
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states)
+                               past_key_values=take_cache(past_key_values, cache), inputs_embeds=inputs_embeds,
+                               use_cache=use_cache, output_hidden_states=output_hidden_states)
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = project_to_vocab(out.last_hidden_state[:, kept], self.get_output_embeddings())
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **cache_field(output_cache(out)))
         return result.to_tuple() if return_dict is False else result

@@ -22,6 +22,7 @@ from glmtune.modeling.chatglm2_layers import (
     padding_attention_mask,
     rotary_tables,
 )
+from glmtune.modeling.hf_compat import CACHE_NAMES, cache_field
 from glmtune.modeling.quantization import quantize_model
 
 
@@ -90,7 +91,7 @@ class ChatGLM2PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
 
@@ -139,9 +140,10 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        check_model_inputs(input_ids, inputs_embeds, past_key_values)
+        past_key_values = check_model_inputs(input_ids, inputs_embeds, past_key_values, cache)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         if self.encoder.gradient_checkpointing and self.training:
@@ -184,7 +186,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
             inputs_embeds, cos, sin, masked, cache, use_cache, output_hidden_states
         )
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden, past_key_values=cache if use_cache else None, hidden_states=all_hidden
+            last_hidden_state=hidden, hidden_states=all_hidden, **cache_field(cache if use_cache else None)
         )
 
 

@@ -20,6 +20,7 @@ from glmtune.errors import InvalidInputError, check_fields
 from glmtune.modeling.causal_lm import GLMCausalLM, check_model_inputs
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
 from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
+from glmtune.modeling.hf_compat import CACHE_NAMES, cache_field
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
 
 # The Linear layers the original quantizes (chatglm-6b-int4/-int8); the embedding and lm_head stay float.
@@ -77,7 +78,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = list(CACHE_NAMES)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -170,9 +171,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        check_model_inputs(input_ids, inputs_embeds, past_key_values)
+        past_key_values = check_model_inputs(input_ids, inputs_embeds, past_key_values, cache)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         batch, q = inputs_embeds.shape[:2]
@@ -226,8 +228,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             all_hidden.append(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **cache_field(past_key_values if use_cache else None),
         )
 
 
@@ -258,18 +260,15 @@ class ChatGLMForConditionalGeneration(GLMCausalLM, ChatGLMPreTrainedModel, Gener
         self.lm_head = value
 
     def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> dict:
-        """Position ids for the whole sequence so far (each new token: the [gMASK] index, block position +1),
-        sliced to the tokens this step feeds; the 2-D mask passes through for the model to build its masks.
+        """The base preparation (what to feed this step, the cache), then position ids for the whole sequence
+        so far (each new token: the [gMASK] index, block position +1) cut to the tokens it feeds.
 
         generate() itself supplies 1-D cumsum position ids, which do not apply to ChatGLM-6B and are replaced;
-        [b, 2, L] ids given to generate() cannot be extended by it and are refused."""
+        [b, 2, L] ids given to generate() cannot be extended by it and are refused. Cutting here rather than
+        in the base method keeps the result independent of how it slices (5.0 and 5.1 cut dim 1). The
+        cache and everything else pass through `kwargs`, under whichever name the installed transformers uses."""
         given = kwargs.pop("position_ids", None)
         if given is not None and given.dim() == 3:
             raise InvalidInputError("generate() builds ChatGLM-6B position ids from input_ids and attention_mask; "
@@ -277,9 +276,11 @@ class ChatGLMForConditionalGeneration(GLMCausalLM, ChatGLMPreTrainedModel, Gener
         if attention_mask is not None and attention_mask.dim() != 2:
             raise InvalidInputError("generate() takes the 2-D 0/1 attention_mask (left padding)",
                                     where="attention_mask")
-        kwargs["position_ids"] = glm_position_ids(
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        fed = model_inputs.get("input_ids")
+        fed = fed if fed is not None else model_inputs["inputs_embeds"]
+        positions = glm_position_ids(
             input_ids, attention_mask, bos_token_id=self.config.bos_token_id,
             mask_token_id=self.config.mask_token_id, gmask_token_id=self.config.gmask_token_id)
-        return super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values,
-                                                     attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                                     **kwargs)
+        model_inputs["position_ids"] = positions[..., -fed.shape[1]:]
+        return model_inputs

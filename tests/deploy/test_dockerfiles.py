@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from testkit import REPO_ROOT
 
 from glmtune.cli import build_parser
@@ -251,3 +253,40 @@ def test_images_are_multi_stage_with_pinned_bases_and_a_non_root_user(name: str)
         assert re.match(r"\d+\.\d+", tag), f"{name}: base {stage.base} has no pinned version tag"
     users = stages[-1].all("USER")
     assert users and users[-1].split(":")[0] not in {"root", "0"}
+
+
+def _named_requirements(install: list[str]) -> list[Requirement]:
+    """The requirement words of a `pip install` (not options, option values, paths, the project itself or
+    words holding a build ARG such as torch==${TORCH_VERSION})."""
+    words = [w for i, w in enumerate(install) if not (i and install[i - 1] in {"-c", "-r", "--index-url"})]
+    return [Requirement(w) for w in words if not w.startswith(("-", ".")) and "/" not in w and "$" not in w]
+
+
+def _constraints(install: list[str]) -> list[Requirement]:
+    """The requirements of every constraints file (`-c FILE`) the install applies."""
+    files = [install[i + 1] for i, word in enumerate(install[:-1]) if word == "-c"]
+    lines = [line.split("#")[0].strip() for f in files for line in (REPO_ROOT / f).read_text().splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
+def test_images_installing_cpm_kernels_pin_setuptools_below_82() -> None:
+    """cpm_kernels imports pkg_resources, which setuptools 82 removed: an image with a newer setuptools builds
+    fine and fails only when a GPU first loads a quantized model. The install must put setuptools under <82."""
+    checked = []
+    for name in DOCKERFILES.values():
+        for install in _pip_installs(parse_dockerfile(name)[0]):
+            named = _named_requirements(install)
+            extras = _project_extras(install)
+            in_closure = _extra_closure(extras) if extras else set()
+            names = {canonicalize_name(n) for n in [r.name for r in named] + sorted(in_closure)}
+            if "cpm-kernels" not in names:
+                continue
+            checked.append(name)
+            assert "setuptools" in names, f"{name}: setuptools is not part of the cpm_kernels install, so no pin applies"
+            allowed = SpecifierSet()
+            for requirement in named + _constraints(install):
+                if canonicalize_name(requirement.name) == "setuptools":
+                    allowed &= requirement.specifier
+            assert not allowed.contains("82.0") and allowed.contains("81.0"), (
+                f"{name}: setuptools allowed as {allowed or 'any version'}; cpm_kernels needs <82")
+    assert sorted(checked) == ["Dockerfile.serve", "Dockerfile.train"]

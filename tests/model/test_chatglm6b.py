@@ -17,6 +17,7 @@ from glmtune.errors import InvalidInputError
 from glmtune.modeling.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmtune.modeling.chatglm6b_layers import RotaryEmbedding
 from glmtune.modeling.chatglm6b_masks import glm_attention_mask, glm_position_ids
+from glmtune.modeling.hf_compat import enable_activation_checkpointing
 
 IMPLS = ["sdpa", "math"]
 PAD, MASK, GMASK, SOP, EOP = 3, 100, 101, 104, 105
@@ -313,7 +314,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(pre_seq_len):
     for checkpointing in (False, True):
         model = tiny_model(pre_seq_len=pre_seq_len).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         calls = []
         model.transformer.layers[0].attention.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         torch.manual_seed(7)  # same prefix dropout in both runs

@@ -70,9 +70,8 @@ def test_schedules_equal_transformers_get_scheduler_step_for_step(name: str) -> 
 def test_activation_checkpointing_is_enabled_without_deprecation_warnings(tiny_model) -> None:
     import warnings
 
-    from glmtune_trainer.run import enable_activation_checkpointing
-
     from glmtune.modeling import load_model
+    from glmtune.modeling.hf_compat import enable_activation_checkpointing
 
     model = load_model(tiny_model("v2"))
     with warnings.catch_warnings():

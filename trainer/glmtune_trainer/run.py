@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from glmtune.errors import GlmtuneError, InvalidInputError
+from glmtune.modeling.hf_compat import enable_activation_checkpointing
 from glmtune_trainer import checkpoint as ckpt
 from glmtune_trainer.distributed import (
     Topology,
@@ -250,19 +251,6 @@ def _quiet_bitsandbytes(spec: Any) -> None:
     quant = spec.spec.model.quantization
     if quant is None or quant.backend != "bitsandbytes" or quant.bits != 4:
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward (non-reentrant, so frozen inputs work).
-
-    transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable and made
-    the old name warn; older 5.x releases only have the old name.
-    """
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _generation_eval(spec: Any, engine: Any, source: Any, base: dict[str, Any], device: torch.device) -> Any:
