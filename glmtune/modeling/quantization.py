@@ -3,11 +3,13 @@
 Per output row: scale = absmax(row) / (2^(bits-1) - 1), stored float16; weight = round(w / scale) as int8.
 Int4 packs two values per byte, `(w[2j] << 4) | (w[2j+1] & 0xF)`, unpacked with sign extension. A
 `QuantizedLinear` keeps `weight` (int8, [out, in] or packed [out, in/2]), `weight_scale` (fp16 [out]) and
-`bias`, so a pre-quantized state dict loads directly. Forward dequantizes to the activation dtype and runs a
-plain matmul; backward recomputes the dequantized weight instead of keeping it alive (the frozen int weights
-get no gradient). On CUDA tensors the dequantization first tries glmtune's own NVRTC-compiled kernels
-(`quantization_cuda`, through cpm_kernels like the original; `GLMTUNE_CUDA_KERNELS=0` turns them off); the
-pure-torch form runs on any device and gives the same bits (an fp16 product of exact fp16 operands).
+`bias`, so a pre-quantized state dict loads directly. CPU inference with grad disabled and few rows
+(decoding) runs torch's fused weight-only kernels (`quantization_cpu`; `GLMTUNE_FUSED_QUANT=0` turns them
+off). Otherwise forward dequantizes to the activation dtype and runs a plain matmul; backward recomputes
+the dequantized weight instead of keeping it alive (the frozen int weights get no gradient). On CUDA
+tensors the dequantization first tries glmtune's own NVRTC-compiled kernels (`quantization_cuda`, through
+cpm_kernels like the original; `GLMTUNE_CUDA_KERNELS=0` turns them off); the pure-torch form runs on any
+device and gives the same bits (an fp16 product of exact fp16 operands).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.quantization_cpu import FusedCache, fused_forward
 from glmtune.modeling.quantization_cuda import cuda_dequantize
 
 SUPPORTED_BITS = (4, 8)
@@ -115,6 +118,8 @@ class QuantizedLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
         )
+        # kernel-layout copies derived from weight/weight_scale for CPU decoding; not state, never saved
+        self._fused: FusedCache | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -127,8 +132,15 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        out = _DequantLinear.apply(inp, self.weight, self.weight_scale, self.bits)
+        out = fused_forward(self, inp)
+        if out is None:
+            out = _DequantLinear.apply(inp, self.weight, self.weight_scale, self.bits)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the derived kernel cache behind (it is rebuilt on the next call)."""
+        state = super().__getstate__()
+        return {**state, "_fused": None}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
