@@ -1,0 +1,147 @@
+"""The fused output-projection loss (issue 18: v1 training speed) and packed v1 training.
+
+`LinearCrossEntropy` must compute what linear + log_softmax + nll_loss compute (loss and every gradient), in
+both its keep and recompute modes; heads it cannot see through keep the plain call; a packed v1 batch
+trained through the engine's loss gives the per-sample losses and gradients of training each sample alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from glmtune_trainer.data.collate import Collator
+from glmtune_trainer.data.encode import SampleEncoder
+from glmtune_trainer.data.formats import Sample
+from glmtune_trainer.data.packing import pack_lengths
+from glmtune_trainer.data.records import SequenceRecord
+from glmtune_trainer.engine import CausalLMLoss
+from glmtune_trainer.loss import chunked_cross_entropy
+
+
+def _hidden_and_labels(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 13, 16, generator=generator)
+    labels = torch.randint(0, vocab, (2, 13), generator=generator)
+    labels[:, :3] = -100
+    labels[1, 9:] = -100
+    return hidden, labels
+
+
+def _autograd_reference(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, scale: float):
+    """Loss and gradients (hidden, weight, bias) of the plain composition: linear, log_softmax, nll_loss."""
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    logits = F.linear(hidden[:, :-1], head.weight, head.bias)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    (loss * scale).backward()
+    bias = head.bias.grad.clone() if head.bias is not None else None
+    return loss.detach(), hidden.grad, head.weight.grad.clone(), bias
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
+def test_fused_head_loss_and_gradients_equal_linear_log_softmax_nll(bias: bool, keep_logits_bytes: int) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=bias)
+    hidden, labels = _hidden_and_labels(37)
+    expected_loss, expected_hidden, expected_weight, expected_bias = _autograd_reference(hidden, labels, head, 0.37)
+    head.zero_grad(set_to_none=True)
+    hidden = hidden.clone().requires_grad_(True)
+    total, count = chunked_cross_entropy(hidden, labels, head, chunk_size=5, keep_logits_bytes=keep_logits_bytes)
+    assert type(total.grad_fn).__name__ == "LinearCrossEntropyBackward"  # the fused path, not the layer call
+    (total * 0.37).backward()
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(total, expected_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_hidden, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.weight.grad, expected_weight, rtol=1e-5, atol=1e-7)
+    if bias:
+        torch.testing.assert_close(head.bias.grad, expected_bias, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_head_trains_only_what_requires_grad_and_refuses_a_second_backward() -> None:
+    head = torch.nn.Linear(16, 29, bias=False).requires_grad_(False)  # LoRA: the output layer is frozen
+    hidden, labels = _hidden_and_labels(29, seed=1)
+    hidden.requires_grad_(True)
+    total, _ = chunked_cross_entropy(hidden, labels, head)
+    total.backward(retain_graph=True)
+    assert head.weight.grad is None and hidden.grad is not None
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        total.backward()
+    first = hidden.grad.clone()
+    hidden.grad = None
+    recomputed, _ = chunked_cross_entropy(hidden, labels, head, chunk_size=4, keep_logits_bytes=0)
+    recomputed.backward(retain_graph=True)
+    recomputed.backward()  # recomputing keeps nothing to consume: a second pass adds the same gradient
+    torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+def test_heads_the_fused_loss_cannot_see_through_are_called_as_modules() -> None:
+    """A forward hook (DeepSpeed ZeRO-3 gathers the weight in one) or autocast must reach the layer call."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 23, bias=False)
+    hidden, labels = _hidden_and_labels(23, seed=2)
+    expected, *_ = _autograd_reference(hidden, labels, head, 1.0)
+    calls = []
+    handle = head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    total, count = chunked_cross_entropy(hidden, labels, head, chunk_size=8)
+    handle.remove()
+    assert sum(calls) == count and type(total.grad_fn).__name__ != "LinearCrossEntropyBackward"
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = chunked_cross_entropy(hidden, labels, head)
+    assert type(low.grad_fn).__name__ != "LinearCrossEntropyBackward"
+    torch.testing.assert_close(low, expected, rtol=2e-2, atol=0.0)  # computed in bf16 like the layer call
+
+
+def _record(windows: list) -> SequenceRecord:
+    rows, ids, offset = [], [], 0
+    for w in windows:
+        rows.append((offset, len(w), w.untrained, w.bidirectional, w.sample))
+        ids.extend(w.ids)
+        offset += len(w)
+    return SequenceRecord(np.asarray(ids, np.int32), np.asarray(rows, np.int64).reshape(-1, 5))
+
+
+def test_packed_v1_training_loss_and_gradients_equal_training_each_sample_alone(tiny_model) -> None:
+    """Full fine-tuning (the tied 130k-style head gets weight gradients through the fused loss): the packed
+    batch's loss sum and every gradient equal the sums over the windows run alone through the model's own
+    `labels=` loss (the original code's objective)."""
+    from glmtune.modeling import load_model
+    from glmtune.tokenization import load_tokenizer
+
+    model_dir = tiny_model("v1")
+    tokenizer = load_tokenizer(model_dir)
+    torch.manual_seed(0)
+    model = load_model(model_dir, dtype="float32").train()
+    for module in model.modules():  # determinism: compare exact arithmetic, not dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    encoder = SampleEncoder(tokenizer, "v1", "packing", 40)
+    samples = [Sample("你好", "你好！我是助手。"), Sample("今天天气怎么样？", "晴天，适合出门散步。"),
+               Sample("讲个故事", "从前有座山，山里有座庙。" * 3), Sample("1+1=?", "2")]
+    windows = [w for i, s in enumerate(samples) for w in encoder.encode(s, i)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    expected_total, expected_count = torch.zeros(()), 0
+    for w in windows:
+        labels = torch.from_numpy(_record([w]).labels())[None]
+        count = int((labels[:, 1:] != -100).sum())
+        if count:
+            loss = model(input_ids=torch.tensor([w.ids]), labels=labels).loss * count
+            loss.backward()
+            expected_total, expected_count = expected_total + loss.detach(), expected_count + count
+    expected_grads = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+
+    groups = pack_lengths([len(w) for w in windows], 80)
+    assert len(groups) < len(windows)  # really packed
+    batch = Collator("v1", tokenizer.pad_token_id)([_record([windows[i] for i in g]) for g in groups])
+    total, count, _ = CausalLMLoss(model)(**batch)
+    assert type(total.grad_fn).__name__ == "LinearCrossEntropyBackward"
+    total.backward()
+    assert count == expected_count
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-4)
+    for param, expected in zip(params, expected_grads, strict=True):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
