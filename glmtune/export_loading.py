@@ -11,7 +11,9 @@ from `s3://`. `glmtune.load_model` and the serving loader both call this module.
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,6 +26,49 @@ from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, ExportInfo, read
 
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_KEY = "transformer.prefix_encoder."
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+"""The device forms every loader, CLI flag and the spec's serving.device accept."""
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | torch.device | None, where: str = "device") -> torch.device:
+    """The torch device for `device`: auto (or None) is CUDA when torch can use it, else the CPU; cpu, cuda and
+    cuda:N are checked against what this process sees, so a typo or a missing GPU fails here, not mid-forward."""
+    text = str(device if device is not None else "auto").strip().lower()
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise InvalidInputError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N", where=where)
+    if text == "cpu" or (text == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidInputError(f"device {text!r} was asked for but torch sees no CUDA device (torch "
+                                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use cpu or auto",
+                                where=where)
+    index = int(text.partition(":")[2]) if ":" in text else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {text!r} was asked for but only {torch.cuda.device_count()} CUDA "
+                                "device(s) are visible", where=where)
+    return torch.device("cuda", index)
+
+
+def bf16_supported(capability: tuple[int, int] | None) -> bool:
+    """Whether a GPU of compute `capability` (major, minor) runs bf16 matmuls natively (Ampere, sm_80, and newer)."""
+    return capability is not None and tuple(capability) >= (8, 0)
+
+
+def auto_dtype(device: torch.device, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """dtype "auto": float32 on the CPU (its fp16/bf16 matmuls are slow); on a GPU bf16 where supported, else fp16.
+    `capability` defaults to the device's own."""
+    if device.type != "cuda":
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if bf16_supported(capability) else torch.float16
+
+
+def resolve_load_dtype(dtype: str | torch.dtype | None, device: torch.device) -> str | torch.dtype | None:
+    """`dtype` as the checkpoint loader takes it: "auto" becomes the device's dtype; None (the checkpoint's own
+    dtype) and explicit dtypes pass through."""
+    return auto_dtype(device) if isinstance(dtype, str) and dtype.strip().lower() == "auto" else dtype
 
 
 def locate(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, ExportInfo | None]:
@@ -77,7 +122,9 @@ def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | 
                 device: str | torch.device = "cpu", quantization_bit: int | None = None,
                 merge_adapter: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
     """Any model folder or export, assembled: base + prefix for `prefix`, base + adapter for `adapter` (a peft
-    model, or merged into a plain model with `merge_adapter`), the checkpoint itself otherwise."""
+    model, or merged into a plain model with `merge_adapter`), the checkpoint itself otherwise; on `device`
+    (auto | cpu | cuda | cuda:N), with dtype "auto" meaning the device's natural one (see `auto_dtype`)."""
+    device = resolve_device(device)
     path, info = locate(path_or_uri, cache_dir)
     if info is None or info.kind not in KINDS_WITH_BASE:
         return load_base(path, dtype, device, quantization_bit)
@@ -89,9 +136,15 @@ def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | 
     return attach_prefix(base, path, info)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights live (its first parameter's device; the CPU for a parameterless module)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
               bits: int | None) -> nn.Module:
-    """A plain checkpoint folder; `bits` 4/8 quantizes after loading, 0 insists on full precision."""
+    """A plain checkpoint folder on `device`; `bits` 4/8 quantizes after loading, 0 insists on full precision."""
     from glmtune.modeling.checkpoint import load_checkpoint
 
     return load_checkpoint(path, dtype=dtype, device=device, quantization_bit=bits)
@@ -104,7 +157,12 @@ def is_quantized(model: nn.Module) -> bool:
 
 def attach_adapter(base: nn.Module, adapter_dir: Path, name: str = "default", merge: bool = False) -> nn.Module:
     """Wrap `base` (modified in place) with the peft adapter in `adapter_dir`; `merge` folds it into the base."""
+    # peft imports bitsandbytes, whose import logs a notice about an optional CPU 4-bit kernel; exports are
+    # served over glmtune's own int8/int4 layers, never bitsandbytes', so the notice is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from peft import PeftConfig, PeftModel
+
+    from glmtune.modeling.hf_compat import peft_reads_deprecated_checkpointing
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InvalidInputError("adapter export without adapter_config.json", where=str(adapter_dir))
@@ -115,10 +173,13 @@ def attach_adapter(base: nn.Module, adapter_dir: Path, name: str = "default", me
     if is_quantized(base):
         register_quantized_linear(config)
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, config=config,
-                                          is_trainable=False)
+        with peft_reads_deprecated_checkpointing():
+            model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=name, config=config,
+                                              is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise InvalidInputError(f"adapter does not fit the base model: {exc}", where=str(adapter_dir)) from None
+    # peft creates the LoRA weights beside a float base layer but not always beside an int8/int4 one.
+    model.to(model_device(base))
     return (model.merge_and_unload() if merge else model).eval()
 
 

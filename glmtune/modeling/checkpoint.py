@@ -293,8 +293,10 @@ def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | N
     A `prefix` export comes back as its base with the trained prefix encoder; an `adapter` export as its base
     with the peft adapter (a plain model with `merge_adapter`). `dtype` None keeps the checkpoint's.
     `quantization_bit` 8/4 quantizes after loading; None keeps what is stored (and, for adapter/prefix
-    exports, the base precision they were trained over); 0 insists on full precision. `config_overrides`
-    changes config keys first, e.g. {"pre_seq_len": 16} adds a fresh p-tuning v2 prefix encoder to a base.
+    exports, the base precision they were trained over); 0 insists on full precision. `device` is auto
+    (CUDA when usable, else CPU), cpu, cuda or cuda:N; dtype "auto" is fp32 on CPU, bf16 (else fp16) on a
+    GPU. `config_overrides` changes config keys first, e.g. {"pre_seq_len": 16} adds a fresh p-tuning v2
+    prefix encoder to a base.
     """
     from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, read_export_info
 
@@ -317,6 +319,10 @@ def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtyp
                     device: str | torch.device = "cpu", quantization_bit: int | None = None,
                     config_overrides: Mapping[str, Any] | None = None) -> nn.Module:
     """Load one checkpoint directory (config.json + weights); see `load_model` for the arguments."""
+    from glmtune.export_loading import resolve_device, resolve_load_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_load_dtype(dtype, device)
     directory = local_model_dir(path_or_uri)
     raw = read_config_dict(directory)
     where = str(directory / CONFIG_NAME)
@@ -339,7 +345,7 @@ def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtyp
     files = weight_files(directory)
     with parameters_on_meta():
         model = model_class(config)  # a quantized config builds empty int layers for the stored int weights
-    load_state_into(model, files, torch_dtype, torch.device(device), family, fresh)
+    load_state_into(model, files, torch_dtype, device, family, fresh)
     model.to(device)
     if quantization_bit and not stored_bits:
         model.quantize(quantization_bit)

@@ -10,6 +10,8 @@ neither prepare_inputs_for_generation nor forward names. Activation checkpointin
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import fields
 
 from transformers import PreTrainedModel
@@ -63,3 +65,13 @@ def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool 
         enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+@contextmanager
+def peft_reads_deprecated_checkpointing():
+    """Silence the one FutureWarning peft 0.21 triggers by reading transformers' renamed
+    `is_gradient_checkpointing` (deprecated in 5.23) when it wraps or loads an adapter: not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        yield

@@ -10,6 +10,7 @@ from glmtune.spec.base import DNS_SUBDOMAIN_PATTERN, Quantity, SpecFieldError, S
 from glmtune.spec.rules import crd_validations, enforce
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+SERVING_DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # glmtune.export_loading.DEVICE_PATTERN (torch-free here)
 _INLINE_CREDENTIALS = {
     "accessKeyId", "access_key_id", "secretAccessKey", "secret_access_key", "accessKey", "access_key",
     "secretKey", "secret_key", "sessionToken", "session_token", "awsAccessKeyId", "awsSecretAccessKey",
@@ -164,6 +165,18 @@ class ServingSpec(SpecModel):
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP API.")
     max_batch_size: int = Field(
         8, ge=1, le=1024, description="Requests batched together in one generation step."
+    )
+    device: str = Field(
+        "auto",
+        max_length=16,
+        pattern=SERVING_DEVICE_PATTERN,
+        description="Where the server runs the model (`glmtune serve --device`): `auto` (the pod's GPU when "
+        "`resources.gpus` gives it one, else the CPU), `cpu`, `cuda` or `cuda:N`.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and activations dtype (`glmtune serve --dtype`): `auto` is float32 on CPU, bfloat16 "
+        "on GPUs that support it (Ampere and newer), else float16.",
     )
     ready_deadline_seconds: int = Field(
         600,

@@ -113,6 +113,11 @@ RULES: tuple[Rule, ...] = (
          "!has(self.modelName) || self.adapters.all(a, a.name != self.modelName)",
          "a serving.adapters name equals serving.modelName: every served model needs its own name",
          lambda serving: serving.model_name is None or all(a.name != serving.model_name for a in serving.adapters)),
+    Rule("serving-cuda-needs-gpus", "spec.serving", "device",
+         "!self.device.startsWith('cuda') || self.resources.gpus > 0",
+         "serving.device asks for CUDA but serving.resources.gpus is 0, so the pod gets no GPU: set "
+         "resources.gpus, or device auto or cpu",
+         lambda serving: not serving.device.startswith("cuda") or serving.resources.gpus > 0),
     Rule("serving-adapter-not-resource-name", "", "spec.serving.adapters",
          "has(self.spec.serving.modelName) || !has(self.metadata.name)"
          " || self.spec.serving.adapters.all(a, a.name != self.metadata.name)",

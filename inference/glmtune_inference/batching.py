@@ -6,6 +6,10 @@ A request's padding columns are masked out in both forwards, so greedy answers a
 unbatched ones (to float32 rounding, as `generate()` on a padded batch). The p-tuning v2 prefix of a prefix
 model stays in the first `prefix_len` cache columns (the model treats columns its 2-D mask does not cover as
 visible prefix), so padding is inserted after it.
+
+Everything a step makes lives on the model's device (ids, mask, positions, sampling); the host keeps its own
+count of each row's real cache columns, so trimming padding never reads the mask back, and the chosen token
+ids are the one device-to-host copy of a step.
 """
 
 from __future__ import annotations
@@ -15,8 +19,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmtune.export_loading import model_device
+from glmtune.modeling.hf_compat import output_cache
 from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_tokens, make_rng
-from glmtune_inference.kv_cache import GrowingCache
+from glmtune_inference.kv_cache import GrowingCache, cache_bytes
+
+
+def host_tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(data)` on `device`. For a GPU it is staged in pinned memory and copied without blocking: a
+    plain copy from pageable memory makes the host wait for the device (a sync torch's sync debug mode reports)."""
+    tensor = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return tensor if device.type == "cpu" else tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -47,11 +62,11 @@ class Sequence:
     def completion_tokens(self) -> int:
         return len(self.generated)
 
-    def seen_ids(self) -> torch.Tensor:
-        """Prompt and answer ids (for the repetition penalty); empty when no penalty applies."""
+    def seen_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Prompt and answer ids (for the repetition penalty) on `device`; empty when no penalty applies."""
         if self.params.repetition_penalty == 1.0:
-            return torch.empty(0, dtype=torch.long)
-        return torch.tensor(self.prompt_ids + self.generated, dtype=torch.long)
+            return torch.empty(0, dtype=torch.long, device=device)
+        return host_tensor(self.prompt_ids + self.generated, torch.long, torch.device(device))
 
     def accept(self, token: int) -> str:
         """Take the next sampled token; returns the newly released text and sets `finish_reason` when done."""
@@ -76,15 +91,22 @@ class DecodeBatch:
 
     def __init__(self, model: torch.nn.Module, prefix_len: int = 0, family: str = "v2") -> None:
         self.model = model
+        self.device = model_device(model)
         self.prefix_len = prefix_len
         # ChatGLM-6B derives 2D positions from a prompt's [gMASK]/<sop>; decode steps must be told theirs.
         self.glm_positions = family == "v1"
         self.sequences: list[Sequence] = []
         self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [b, columns after the prefix], 1 = real token
+        self._real: list[int] = []  # per row: its real (right-aligned) columns of `_mask`, known on the host
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def kv_bytes(self) -> int:
+        """Bytes held by this batch's KV cache buffers (spare room included); 0 once every request left."""
+        cache = self._cache
+        return 0 if cache is None else cache_bytes(cache)
 
     def prefill(self, seq: Sequence) -> str:
         """Run one prompt, choose its first token, and let the request join the batch if it goes on."""
@@ -103,9 +125,13 @@ class DecodeBatch:
     def _prefill_group(self, live: list[Sequence]) -> dict[int, str]:
         width = max(len(seq.prompt_ids) for seq in live)
         pad = self.model.config.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live],
-                            dtype=torch.long)
+        ids = host_tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], torch.long, self.device)
+        mask = host_tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live], torch.long,
+                           self.device)
+        real = [len(s.prompt_ids) for s in live]
+        for seq in live:  # a seeded request draws from a generator on the device its logits are on
+            if seq.params.seed is not None and (seq.rng is None or seq.rng.device != self.device):
+                seq.rng = make_rng(seq.params.seed, self.device)
         if self.glm_positions:
             for seq in live:
                 positions = _glm_positions(self.model.config, torch.tensor([seq.prompt_ids]))
@@ -113,13 +139,13 @@ class DecodeBatch:
         out = self.model(
             input_ids=ids, attention_mask=mask, past_key_values=GrowingCache(), use_cache=True, logits_to_keep=1,
         )
-        tokens = choose_tokens(out.logits[:, -1], [s.params for s in live], [s.seen_ids() for s in live],
-                               [s.rng for s in live])
+        tokens = choose_tokens(out.logits[:, -1], [s.params for s in live],
+                               [s.seen_ids(self.device) for s in live], [s.rng for s in live])
         deltas = {id(seq): seq.accept(token) for seq, token in zip(live, tokens, strict=True)}
         going_on = [i for i, seq in enumerate(live) if not seq.finished]
         if going_on:
-            cache, kept_mask = self._keep_rows(out.past_key_values, mask, going_on)
-            self._join([live[i] for i in going_on], cache, kept_mask)
+            cache, kept_mask = self._keep_rows(output_cache(out), mask, real, going_on)
+            self._join([live[i] for i in going_on], cache, kept_mask, [real[i] for i in going_on])
         return deltas
 
     @torch.inference_mode()
@@ -127,19 +153,24 @@ class DecodeBatch:
         """One forward for every running request; returns (request, released text) pairs."""
         if not self.sequences:
             return []
-        ids = torch.tensor([[seq.generated[-1]] for seq in self.sequences], dtype=torch.long)
+        ids = host_tensor([[seq.generated[-1]] for seq in self.sequences], torch.long, self.device)
         mask = torch.cat((self._mask, torch.ones_like(ids)), dim=1)
+        real = [n + 1 for n in self._real]
         positions = None
         if self.glm_positions:  # each new token keeps the [gMASK] position; its block position counts on
-            positions = torch.tensor([[[s.anchor[0]], [s.anchor[1] + len(s.generated)]] for s in self.sequences])
+            positions = host_tensor([[[s.anchor[0]], [s.anchor[1] + len(s.generated)]] for s in self.sequences],
+                                    torch.long, self.device)
+        # Without padding the mask says nothing: leaving it out spares the model a mask (and, for ChatGLM2, the
+        # device-to-host check of whether it is all ones).
+        padded = min(real) < mask.shape[1]
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache,
-            use_cache=True, logits_to_keep=1,
+            input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+            past_key_values=self._cache, use_cache=True, logits_to_keep=1,
         )
-        self._cache, self._mask = out.past_key_values, mask
+        self._cache, self._mask, self._real = output_cache(out), mask, real
         running = self.sequences
-        tokens = choose_tokens(out.logits[:, -1], [s.params for s in running], [s.seen_ids() for s in running],
-                               [s.rng for s in running])
+        tokens = choose_tokens(out.logits[:, -1], [s.params for s in running],
+                               [s.seen_ids(self.device) for s in running], [s.rng for s in running])
         return [(seq, seq.accept(token)) for seq, token in zip(running, tokens, strict=True)]
 
     def remove_finished(self, now: float | None = None) -> list[Sequence]:
@@ -155,18 +186,20 @@ class DecodeBatch:
         if not gone:
             return []
         self.sequences = [self.sequences[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
+        if not keep:  # dropping the last references frees the cache buffers (on CUDA: back to torch's pool)
+            self._cache, self._mask, self._real = None, None, []
             return gone
-        self._cache, self._mask = self._keep_rows(self._cache, self._mask, keep)
+        self._cache, self._mask = self._keep_rows(self._cache, self._mask, self._real, keep)
+        self._real = [self._real[i] for i in keep]
         return gone
 
-    def _keep_rows(self, cache: GrowingCache, mask: torch.Tensor,
+    def _keep_rows(self, cache: GrowingCache, mask: torch.Tensor, real: list[int],
                    rows: list[int]) -> tuple[GrowingCache, torch.Tensor]:
-        """The cache and mask of only `rows`, without the columns that are padding for every one of them."""
-        index = torch.tensor(rows, dtype=torch.long)
+        """The cache and mask of only `rows` (copied, so the dropped rows' memory is freed), without the columns
+        that are padding for every one of them; `real` counts each row's real columns (right-aligned)."""
+        index = host_tensor(rows, torch.long, mask.device)
         mask = mask[index]
-        first_real = int(mask.any(dim=0).long().argmax())
+        first_real = mask.shape[1] - max(real[i] for i in rows)
         kept = GrowingCache([
             (self._select(k, index, first_real), self._select(v, index, first_real)) for k, v in _layers(cache)
         ])
@@ -179,9 +212,9 @@ class DecodeBatch:
             return rows
         return torch.cat((rows[:, :, :p], rows[:, :, p + cut :]), dim=2)
 
-    def _join(self, seqs: list[Sequence], cache: GrowingCache, mask: torch.Tensor) -> None:
+    def _join(self, seqs: list[Sequence], cache: GrowingCache, mask: torch.Tensor, real: list[int]) -> None:
         if self._cache is None:
-            self.sequences, self._cache, self._mask = list(seqs), cache, mask
+            self.sequences, self._cache, self._mask, self._real = list(seqs), cache, mask, list(real)
             return
         width = max(self._mask.shape[1], mask.shape[1])
         layers = [
@@ -191,6 +224,7 @@ class DecodeBatch:
         ]
         self._cache = GrowingCache(layers)
         self._mask = torch.cat((_pad_left(self._mask, width), _pad_left(mask, width)))
+        self._real.extend(real)
         self.sequences.extend(seqs)
 
     def _pad(self, tensor: torch.Tensor, width: int) -> torch.Tensor:

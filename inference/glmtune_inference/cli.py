@@ -52,13 +52,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="after SIGTERM, keep listening this long while answering new requests and /readyz "
                             "with 503 (so a Service stops routing here), then shut down")
     serve.add_argument("--log-prompts", action="store_true", help="include prompts and answers in access logs")
+    serve.add_argument("--max-kv-memory", type=kv_memory_size, metavar="SIZE",
+                       help="KV cache bytes the running requests may grow to (e.g. 2GiB): a request waits in the "
+                            "queue until it fits, one that could never fit gets 503 (default: 80%% of the GPU "
+                            "memory free after loading on CUDA, no limit on CPU)")
     _add_load_options(serve)
     serve.set_defaults(func=run_serve)
 
 
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                        help="where the model runs (default auto: the GPU when torch can use one, else the CPU)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights and activations dtype (default auto: float32 on CPU, bfloat16 on GPUs "
+                             "that support it, else float16)")
     parser.add_argument("--quantize", type=quantize_bits, metavar="{4,8,none}",
                         help="weight-only int4/int8 quantize the base at load, or 'none' (0) for full precision "
                              "(default: as the export records, e.g. the int4 base a ptv2-int4 run trained over)")
@@ -75,10 +82,24 @@ def quantize_bits(value: str) -> int:
     raise argparse.ArgumentTypeError(f"expected 4, 8 or none, not {value!r}")
 
 
+def kv_memory_size(value: str) -> int:
+    """`--max-kv-memory` values: a positive size such as 2GiB, 512MB or a byte count."""
+    from glmtune.modeling.checkpoint import parse_size
+
+    try:
+        size = parse_size(value)
+    except InvalidInputError:
+        raise argparse.ArgumentTypeError(f"cannot read a size from {value!r} (e.g. 2GiB, 512MB)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value!r}")
+    return size
+
+
 def _load_options(args: argparse.Namespace):
     from glmtune_inference.loading import LoadOptions
 
-    return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir)
+    return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir,
+                       device=args.device)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -130,7 +151,8 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the models, start the engine and run uvicorn until SIGINT/SIGTERM (in-flight streams drain)."""
     import uvicorn
 
-    from glmtune_inference.loading import load_served_models
+    from glmtune_inference.loading import load_served_models, served_device
+    from glmtune_inference.memory import default_kv_budget
     from glmtune_inference.scheduler import Engine
     from glmtune_inference.server import DrainingServer, ServerSettings, create_app
 
@@ -142,7 +164,9 @@ def run_serve(args: argparse.Namespace) -> int:
         if value < 1:
             raise InvalidInputError(f"must be at least 1, got {value}", where=flag)
     served = load_served_models(args.model, parse_adapters(args.adapter), args.model_name, _load_options(args))
-    engine = Engine(served, max_batch=args.max_batch, queue_size=args.queue_size)
+    device = served_device(served)
+    kv_budget = args.max_kv_memory if args.max_kv_memory is not None else default_kv_budget(device)
+    engine = Engine(served, max_batch=args.max_batch, queue_size=args.queue_size, kv_budget=kv_budget)
     settings = ServerSettings(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
@@ -150,7 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout)
     configure_access_log()
     listing = ", ".join(f"{name} ({model.source})" for name, model in served.items())
-    print(f"glmtune serve: {listing} on http://{args.host}:{args.port}", file=sys.stderr)
+    print(f"glmtune serve: {listing} on {device} at http://{args.host}:{args.port}", file=sys.stderr)
     config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, access_log=False,
                             timeout_graceful_shutdown=int(args.drain_timeout) or None)
     DrainingServer(config, engine, args.drain_notice).run()

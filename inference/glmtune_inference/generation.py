@@ -65,14 +65,25 @@ class GenerationParams:
         return max(budget, 0)
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: whether every score is finite. A float64 sum of float32 scores cannot overflow, so it is finite
+    exactly when they all are; one cheap pass (isfinite().all() costs ~20x more on a CPU)."""
+    return torch.isfinite(logits.sum(-1, dtype=torch.float64))
+
+
+def _safe_row(logits: torch.Tensor) -> torch.Tensor:
+    """The original's replacement for a broken row: all zero, token 5 at 5e4 (generation goes on)."""
+    row = logits.new_zeros(logits.shape[-1])
+    if row.numel() > _INVALID_SCORE_TOKEN:
+        row[_INVALID_SCORE_TOKEN] = _INVALID_SCORE_VALUE
+    return row
+
+
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
-    """The original's NaN/Inf guard: a row with any non-finite score becomes zeros with token 5 at 5e4."""
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    if bool(bad.any()):
-        logits = logits.clone()
-        logits[bad] = 0.0
-        logits[bad, _INVALID_SCORE_TOKEN] = _INVALID_SCORE_VALUE
-    return logits
+    """The original's NaN/Inf guard: a row with any non-finite score becomes zeros with token 5 at 5e4.
+
+    Branch-free (a `where`, no `if bad.any()`), so on a GPU it never waits for the device to answer."""
+    return torch.where(finite_rows(logits).unsqueeze(-1), logits, _safe_row(logits))
 
 
 def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -113,22 +124,36 @@ def choose_tokens(
     seen_ids: Sequence[torch.Tensor],
     rngs: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """The next token of every row of `logits` [rows, vocab], each row with its own parameters, seen ids and
-    generator; a row's token is exactly what it would be alone.
+    """The next token of every row of `logits` [rows, vocab] (see `choose_token_ids`), read back to the host in
+    one copy: the only device-to-host transfer of a decode step."""
+    return choose_token_ids(logits, params, seen_ids, rngs).tolist()
+
+
+def choose_token_ids(
+    logits: torch.Tensor,
+    params: Sequence[GenerationParams],
+    seen_ids: Sequence[torch.Tensor],
+    rngs: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """The next token ids [rows] on the logits' device, each row with its own parameters, seen ids and generator;
+    a row's token is exactly what it would be alone. Nothing here reads a device value on the host.
 
     Rows are processed one by one on purpose: a 130k-wide row stays in cache through all its passes, which
     made a batch of 8 rows 1.4x faster than running each pass over the whole batch on this CPU.
     """
     scores = logits.float()
-    # One cheap pass: a finite row sum proves every score finite; only otherwise run the full guard.
-    if not bool(torch.isfinite(scores.sum(-1)).all()):
-        scores = sanitize_logits(scores)
+    finite = finite_rows(scores)
+    # A broken row greedily gives the safe row's best token (the penalty cannot change it: zeros stay zeros).
+    safe_token = _INVALID_SCORE_TOKEN if scores.shape[-1] > _INVALID_SCORE_TOKEN else 0
     tokens = []
-    for row, p, seen, rng in zip(scores, params, seen_ids, rngs, strict=True):
-        row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
-        if p.greedy:
-            tokens.append(int(row.argmax()))
+    for ok, row, p, seen, rng in zip(finite, scores, params, seen_ids, rngs, strict=True):
+        seen = seen.to(row.device, non_blocking=True)
+        if p.greedy:  # choosing among the argmax and the safe token is cheaper than rewriting the row
+            row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
+            tokens.append(torch.where(ok, row.argmax(), safe_token).reshape(1))
             continue
+        row = torch.where(ok, row, _safe_row(row))
+        row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
         filtered = p.top_k > 0 or p.top_p < 1.0
         if p.temperature == 1.0 and not filtered:
             probs = row.softmax(-1)  # softmax subtracts the max itself: the same values as below
@@ -142,16 +167,19 @@ def choose_tokens(
             probs = scaled.softmax(-1)
         # Inverse-CDF draw: exact, and ~25x faster than torch.multinomial over a 130k vocabulary on CPU.
         cdf = probs.cumsum(-1)
-        draw = torch.rand(1, generator=rng) * cdf[-1]
-        tokens.append(int(torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.numel() - 1)))
-    return tokens
+        uniform = torch.rand(1, generator=rng, device=rng.device if rng is not None else cdf.device)
+        draw = uniform.to(cdf.device) * cdf[-1]
+        tokens.append(torch.searchsorted(cdf, draw, right=True).clamp(max=cdf.numel() - 1))
+    if not tokens:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    return torch.cat(tokens)
 
 
-def make_rng(seed: int | None) -> torch.Generator | None:
-    """A private generator for a seeded request, so its samples do not depend on other requests."""
+def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A private generator on `device` for a seeded request, so its samples do not depend on other requests."""
     if seed is None:
         return None
-    rng = torch.Generator()
+    rng = torch.Generator(device=device)
     rng.manual_seed(seed)
     return rng
 

@@ -90,3 +90,13 @@ class GrowingCache(DynamicCache):
             layer.update(keys, values)
             layers.append(layer)
         Cache.__init__(self, layers=layers)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache's layers hold (a GrowingLayer's whole buffers, spare room included)."""
+    total = 0
+    for layer in cache.layers:
+        rooms = (getattr(layer, "_key_room", None), getattr(layer, "_value_room", None))
+        tensors = rooms if rooms[0] is not None else (getattr(layer, "keys", None), getattr(layer, "values", None))
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total

@@ -54,12 +54,14 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load: dtype (None keeps the checkpoint's); quantization of the base (None: as the exports record,
-    0: full precision, 4/8: weight-only quantize at load); the download cache."""
+    """How to load: dtype (None keeps the checkpoint's, "auto" is the device's: fp32 on CPU, bf16 or fp16 on a
+    GPU); quantization of the base (None: as the exports record, 0: full precision, 4/8: weight-only quantize at
+    load); the download cache; the device (auto: CUDA when usable, else CPU; cpu; cuda; cuda:N)."""
 
     dtype: str | None = None
     quantization_bit: int | None = None
     cache_dir: str | os.PathLike | None = None
+    device: str = "auto"
 
 
 def locate(uri: str | os.PathLike, options: LoadOptions = LoadOptions()) -> tuple[Path, ExportInfo | None]:
@@ -79,7 +81,9 @@ class _Delta:
 
 def load_served_models(model_uri: str, adapters: Mapping[str, str] | None = None, name: str | None = None,
                        options: LoadOptions = LoadOptions()) -> dict[str, ServedModel]:
-    """Every model name served for `model_uri` plus its named adapters, the main one first; all share one base."""
+    """Every model name served for `model_uri` plus its named adapters, the main one first; all share one base
+    on `options.device`."""
+    device = export_loading.resolve_device(options.device, where="--device")
     path, info = locate(model_uri, options)
     main_name = name or default_model_name(model_uri, info)
     main_is_delta = info is not None and info.kind in KINDS_WITH_BASE
@@ -94,7 +98,8 @@ def load_served_models(model_uri: str, adapters: Mapping[str, str] | None = None
         deltas.append(_Delta(adapter_name, adapter_path, adapter_info, str(uri)))
     base_path = locate(export_loading.resolve_base(info, path), options)[0] if main_is_delta else path
     bits = served_quantization(options.quantization_bit, deltas)
-    base = _Base(export_loading.load_base(base_path, options.dtype, "cpu", bits), base_path)
+    dtype = export_loading.resolve_load_dtype(options.dtype, device)
+    base = _Base(export_loading.load_base(base_path, dtype, device, bits), base_path)
     served = {} if main_is_delta else {
         main_name: _served(main_name, base.model, base.path if info is None else path, info, str(model_uri))}
     for delta in deltas:
@@ -154,6 +159,15 @@ def _apply_delta(base: _Base, delta: _Delta) -> ServedModel:
 
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file()
+
+
+def served_device(models: Mapping[str, ServedModel]) -> torch.device:
+    """The one device every served model lives on (they share one base)."""
+    devices = {export_loading.model_device(m.model) for m in models.values()}
+    if len(devices) != 1:
+        raise InvalidInputError(f"served models span devices {sorted(map(str, devices))}: they must share one",
+                                where="models")
+    return devices.pop()
 
 
 def shared_clone(model: torch.nn.Module) -> torch.nn.Module:

@@ -45,6 +45,22 @@ class ServerMetrics:
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self.running.set_function(lambda: float(running()))
 
+    def track_memory(self, engine: Any) -> None:
+        """Gauges read at scrape time: the serving device's memory in use (GPU: torch's allocated bytes; CPU: the
+        process's resident set), the running requests' KV cache bytes and the KV budget admission uses."""
+        from glmtune_inference.loading import served_device
+        from glmtune_inference.memory import device_memory_bytes
+
+        device = served_device(engine.models)
+        memory = Gauge("glmtune_device_memory_bytes", "Memory in use on the serving device (GPU: allocated by "
+                       "torch; CPU: process resident set)", ("device",), registry=self.registry)
+        memory.labels(str(device)).set_function(lambda: float(device_memory_bytes(device)))
+        Gauge("glmtune_kv_cache_bytes", "Bytes held by the running requests' KV caches",
+              registry=self.registry).set_function(lambda: float(engine.kv_cache_bytes))
+        if engine.kv_budget is not None:  # absent without a budget: a 0 would read as "nothing may run"
+            Gauge("glmtune_kv_budget_bytes", "KV cache bytes admission may promise",
+                  registry=self.registry).set(engine.kv_budget)
+
     def observe_finished(self, model: str, done: Any) -> None:
         """Count a finished request's tokens and finish reason (called by the engine for every request)."""
         self.prompt_tokens.labels(model).inc(done.prompt_tokens)

@@ -3,6 +3,11 @@ request by one token per forward (continuous batching), streaming text deltas ba
 
 The model runs only in the worker thread, so the event loop stays responsive and requests join or leave
 the batch between any two steps. Every served model name (base, each adapter) has its own decode batch.
+
+Memory: with a KV budget, a queued request joins the running ones only when every batch would still fit at
+full length (see `memory`); until then it waits in the queue (a full queue answers 429), and one that could
+never fit is refused at once (503). A forward that still runs out of device memory fails only the requests
+of that forward, and the server goes on.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from glmtune.errors import GlmtuneError, InvalidInputError
 from glmtune_inference.batching import DecodeBatch, Sequence
 from glmtune_inference.generation import GenerationParams, TextDeltaDecoder
 from glmtune_inference.loading import ServedModel
+from glmtune_inference.memory import batch_need, format_bytes, kv_bytes_per_token, request_tokens
 
 log = logging.getLogger("glmtune.inference.engine")
 
@@ -30,6 +38,14 @@ class QueueFullError(GlmtuneError):
 
 class EngineUnavailableError(GlmtuneError):
     """The engine is not running or is draining for shutdown (HTTP 503)."""
+
+
+class KvBudgetTooSmallError(EngineUnavailableError):
+    """The request's KV cache alone exceeds the server's KV budget: it can never run here (HTTP 503)."""
+
+
+OUT_OF_MEMORY = "out_of_memory"
+"""`Finished.reason` of requests whose forward ran out of device memory (HTTP 503)."""
 
 
 class UnknownModelError(InvalidInputError):
@@ -45,7 +61,7 @@ class TextDelta:
 class Finished:
     """The last event of a request: why it ended, its token counts and its full answer."""
 
-    reason: str  # stop | length | timeout | cancelled | error
+    reason: str  # stop | length | timeout | cancelled | error | out_of_memory
     text: str
     prompt_tokens: int
     completion_tokens: int
@@ -60,6 +76,7 @@ class GenerationHandle:
         self.id = request_id
         self.model = model
         self.seq = seq
+        self.kv_tokens = 0  # cache columns admission reserved for this request
         self._engine = engine
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
@@ -87,13 +104,17 @@ class Engine:
     """Bounded queue + continuous batching over the served models."""
 
     def __init__(self, models: Mapping[str, ServedModel], *, max_batch: int = 8, queue_size: int = 64,
-                 step_observer: Callable[[int], None] | None = None,
+                 kv_budget: int | None = None, step_observer: Callable[[int], None] | None = None,
                  finish_observer: Callable[[str, Finished], None] | None = None) -> None:
         if not models:
             raise InvalidInputError("at least one model must be served", where="models")
+        if kv_budget is not None and kv_budget <= 0:
+            raise InvalidInputError(f"must be positive, got {kv_budget}", where="--max-kv-memory")
         self.models = dict(models)
         self.max_batch = max_batch
         self.queue_size = queue_size
+        self.kv_budget = kv_budget  # bytes of KV cache admission may promise (None: no limit)
+        self._kv_per_token = {name: kv_bytes_per_token(m.model) for name, m in self.models.items()}
         self.step_observer = step_observer  # called with the batch size of every decode forward
         self.finish_observer = finish_observer  # called with (model name, Finished) of every request
         self._batches = {name: DecodeBatch(m.model, m.prefix_len, m.family) for name, m in self.models.items()}
@@ -121,6 +142,33 @@ class Engine:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the running requests' KV caches hold now."""
+        return sum(batch.kv_bytes() for batch in list(self._batches.values()))
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """Bytes the running requests' KV caches may grow to (each batch at full length)."""
+        return self._kv_need([])
+
+    def _kv_need(self, joining: list[GenerationHandle]) -> int:
+        """Worst-case KV bytes of the running requests plus `joining`, batch by batch (every row as wide as the
+        widest); read in the worker thread, or racing it only for metrics."""
+        rows: dict[str, list[int]] = {}
+        for name, batch in list(self._batches.items()):
+            for seq in list(batch.sequences):
+                handle = self._handles.get(id(seq))
+                if handle is not None:
+                    rows.setdefault(name, []).append(handle.kv_tokens)
+        for handle in joining:
+            rows.setdefault(handle.model, []).append(handle.kv_tokens)
+        return sum(batch_need(self._kv_per_token[model], widths) for model, widths in rows.items())
+
+    def _fits(self, joining: list[GenerationHandle]) -> bool:
+        """Whether the running requests and `joining` stay within the KV budget at their full length."""
+        return self.kv_budget is None or self._kv_need(joining) <= self.kv_budget
 
     def start(self) -> None:
         """Start the worker thread and accept requests."""
@@ -163,15 +211,27 @@ class Engine:
                        decoder=TextDeltaDecoder(served.tokenizer, params.stop),
                        deadline=None if timeout_s is None else time.monotonic() + timeout_s)
         handle = GenerationHandle(f"req-{next(self._ids)}", model, seq, self, asyncio.get_running_loop())
+        handle.kv_tokens = request_tokens(len(seq.prompt_ids), seq.budget, served.prefix_len)
         with self._lock:
             if not self._accepting:
                 raise EngineUnavailableError("the server is starting or shutting down")
             if len(self._waiting) >= self.queue_size:
                 raise QueueFullError(f"{self.running} requests running and {len(self._waiting)} waiting")
+            self._admit_memory(handle)
             self._handles[id(seq)] = handle
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
+
+    def _admit_memory(self, handle: GenerationHandle) -> None:
+        """Refuse a request whose KV cache alone exceeds the budget: it could wait forever."""
+        if self.kv_budget is None:
+            return
+        alone = batch_need(self._kv_per_token[handle.model], [handle.kv_tokens])
+        if alone > self.kv_budget:
+            raise KvBudgetTooSmallError(
+                f"this request's KV cache needs up to {format_bytes(alone)} ({handle.kv_tokens} tokens) but the "
+                f"server's KV budget is {format_bytes(self.kv_budget)}: ask for fewer max_tokens or a shorter prompt")
 
     def _cancel(self, handle: GenerationHandle) -> None:
         with self._lock:
@@ -213,6 +273,9 @@ class Engine:
                 pass
 
     def _run(self) -> None:
+        device = next(iter(self._batches.values())).device
+        if device.type == "cuda":  # this thread's own current device: lazily made handles and streams go there
+            torch.cuda.set_device(device)
         while True:
             with self._lock:
                 while not self._stop and not self._waiting and not self.running:
@@ -220,7 +283,9 @@ class Engine:
                 if self._stop:
                     break
                 admitted = []
-                while self._waiting and self.running + len(admitted) < self.max_batch:
+                # First come, first served: a request the KV budget cannot hold yet waits (and those behind it).
+                while (self._waiting and self.running + len(admitted) < self.max_batch
+                       and self._fits([*admitted, self._waiting[0]])):
                     admitted.append(self._waiting.popleft())
             try:
                 self._iterate(admitted)
@@ -244,24 +309,53 @@ class Engine:
                 arrivals.setdefault(handle.model, []).append(handle)
         for model, handles in arrivals.items():  # one prefill forward for the requests that came together
             by_seq = {id(h.seq): h for h in handles}
-            for seq, delta in self._batches[model].prefill_many([h.seq for h in handles]):
+            batch = self._batches[model]
+            try:
+                prefilled = batch.prefill_many([h.seq for h in handles])
+            except torch.OutOfMemoryError:
+                # Arrivals of an earlier length group may have joined the batch already: they leave it too.
+                self._out_of_memory(model, handles)
+                continue
+            for seq, delta in prefilled:
                 if delta:
                     self._post(by_seq[id(seq)], TextDelta(delta))
                 if seq.finished:
                     self._finish(by_seq[id(seq)])
             self._flush()  # first tokens go out at once, not after the next decode step
-        for batch in self._batches.values():
+        for model, batch in list(self._batches.items()):
             for seq in batch.remove_finished():  # cancelled or expired since the last step
                 self._finish(self._handles[id(seq)])
             if not batch.sequences:
                 continue
             if self.step_observer is not None:
                 self.step_observer(len(batch))
-            for seq, delta in batch.step():
+            try:
+                stepped = batch.step()
+            except torch.OutOfMemoryError:
+                # A failed step may have written some layers' caches and not others: the batch cannot go on.
+                self._out_of_memory(model, [self._handles[id(seq)] for seq in batch.sequences])
+                continue
+            for seq, delta in stepped:
                 if delta:
                     self._post(self._handles[id(seq)], TextDelta(delta))
             for seq in batch.remove_finished():
                 self._finish(self._handles[id(seq)])
+
+    def _out_of_memory(self, model: str, handles: list[GenerationHandle]) -> None:
+        """Fail `handles` (503) after their forward ran out of device memory; the model's other requests go on."""
+        log.warning("model %s: a forward of %d request(s) ran out of device memory; failing them", model,
+                    len(handles))
+        failed = {id(h.seq) for h in handles}
+        batch = self._batches[model]
+        for seq in batch.sequences:
+            if id(seq) in failed:
+                seq.cancelled = True
+        batch.remove_finished()  # drops them (and their cache rows)
+        for handle in handles:
+            if id(handle.seq) in self._handles:
+                self._finish(handle, OUT_OF_MEMORY, error="the server ran out of device memory for this request")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the failed forward's blocks back before the next one
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
         with self._lock:

@@ -2,7 +2,8 @@
 the seed project's `POST /`, and `/healthz`, `/readyz`, `/metrics`.
 
 Requests only name served models (never paths); every limit a client can exceed answers 422 naming the
-field, a full queue 429 and a draining server 503, both with Retry-After. `DrainingServer` gives a
+field, a full queue 429 and a draining server 503, both with Retry-After; a request whose KV cache could never
+fit the server's KV budget, or whose forward ran out of device memory, 503. `DrainingServer` gives a
 terminating pod a drain notice: for a few seconds after SIGTERM it still listens but takes no new work
 (503 + Retry-After, /readyz 503), so the Service drops it and clients retry elsewhere instead of meeting a
 refused connection; then uvicorn's graceful shutdown lets open requests finish.
@@ -49,6 +50,7 @@ from glmtune_inference.generation import GenerationParams
 from glmtune_inference.loading import ServedModel
 from glmtune_inference.metrics import ServerMetrics
 from glmtune_inference.scheduler import (
+    OUT_OF_MEMORY,
     Engine,
     EngineUnavailableError,
     Finished,
@@ -95,6 +97,7 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
     """The FastAPI app over `engine`; starts the engine on startup and drains it on shutdown."""
     metrics = ServerMetrics()
     metrics.track_engine(lambda: engine.queue_depth, lambda: engine.running)
+    metrics.track_memory(engine)
     engine.step_observer = metrics.batch_size.observe
     engine.finish_observer = metrics.observe_finished
     ready = {"at": 0.0}
@@ -279,7 +282,14 @@ def create_app(engine: Engine, settings: ServerSettings = ServerSettings()) -> F
                            headers={"Retry-After": str(settings.retry_after_s)})
         if time.monotonic() - ready["at"] > settings.ready_cache_s:
             served = engine.models[engine.default_model]
-            handle = submit(served.name, served.encode("你好"), served.params(do_sample=False, max_new_tokens=1))
+            try:
+                handle = submit(served.name, served.encode("你好"), served.params(do_sample=False, max_new_tokens=1))
+            except ApiError as exc:
+                if exc.status != 429:
+                    raise
+                # Busy (the queue is full) means it is serving: failing readiness now would take a
+                # loaded pod out of the Service exactly when it is needed.
+                return {"status": "ready", "models": list(engine.models), "busy": True}
             async for event in handle:
                 if isinstance(event, Finished) and event.reason not in ("stop", "length"):
                     raise ApiError(503, f"test generation failed ({event.reason})", "server_unavailable")
@@ -345,6 +355,9 @@ def _incomplete(done: Finished) -> ErrorDetail:
         return ErrorDetail(message="generation exceeded the request timeout", type="timeout")
     if done.reason == "cancelled":
         return ErrorDetail(message="generation was cancelled (server shutting down)", type="server_unavailable")
+    if done.reason == OUT_OF_MEMORY:
+        return ErrorDetail(message="the server ran out of device memory for this request; retry later or ask for "
+                                   "fewer max_tokens", type="server_unavailable")
     return ErrorDetail(message=f"generation failed: {done.error}", type="server_error")
 
 

@@ -264,11 +264,11 @@ def server_factory() -> Callable[..., contextlib.AbstractContextManager[RunningS
 
     @contextlib.contextmanager
     def serve(models: dict, max_batch: int = 8, queue_size: int = 16, drain_notice_s: float = 0.0,
-              **settings: Any) -> Iterator[RunningServer]:
+              kv_budget: int | None = None, **settings: Any) -> Iterator[RunningServer]:
         from glmtune_inference.scheduler import Engine
         from glmtune_inference.server import ServerSettings, create_app
 
-        engine = Engine(models, max_batch=max_batch, queue_size=queue_size)
+        engine = Engine(models, max_batch=max_batch, queue_size=queue_size, kv_budget=kv_budget)
         with running_server(create_app(engine, ServerSettings(**settings)), engine, drain_notice_s) as running:
             yield running
 

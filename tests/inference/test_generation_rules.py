@@ -158,3 +158,16 @@ def test_a_batch_of_rows_gets_exactly_the_tokens_each_row_gets_alone():
         assert torch.equal(logits.nan_to_num(), before.nan_to_num())  # the model's logits are not modified
         if logits[-1, 0] == 3e38 and params[-1].greedy and params[-1].repetition_penalty == 1.0:
             assert batched[-1] == 0
+
+
+def test_broken_rows_choose_the_safe_token_in_a_batch_without_touching_good_rows():
+    """Greedy and sampled rows alike: a NaN/Inf row gives token 5 (the original's safe row), its neighbours
+    their own best token; the check is exact for huge but finite scores (no overflow in the row sums)."""
+    good = torch.zeros(130).index_fill(0, torch.tensor([42]), 9.0)
+    huge = torch.full((130,), 3e38).index_fill(0, torch.tensor([7]), 3.3e38)
+    broken = good.clone().index_fill(0, torch.tensor([3]), float("nan"))
+    logits = torch.stack([broken, good, huge, broken.clone().fill_(float("-inf"))])
+    params = [GenerationParams(do_sample=False), GenerationParams(do_sample=False), GenerationParams(do_sample=False),
+              GenerationParams(temperature=0.95, top_p=0.7)]
+    none = [torch.empty(0, dtype=torch.long)] * 4
+    assert choose_tokens(logits, params, none, [None, None, None, torch.Generator().manual_seed(0)]) == [5, 42, 7, 5]

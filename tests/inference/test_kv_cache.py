@@ -9,6 +9,7 @@ from glmtune_inference.kv_cache import GrowingCache
 from transformers.cache_utils import DynamicCache
 
 from glmtune.modeling.checkpoint import model_classes
+from glmtune.modeling.hf_compat import CACHE_NAME
 from glmtune.modeling.tiny import tiny_config
 
 
@@ -26,7 +27,7 @@ def test_decoding_past_the_spare_room_gives_the_same_logits_as_dynamic_cache(fam
     runs = []
     for cache in (DynamicCache(), GrowingCache()):
         with torch.inference_mode():
-            out = model.generate(input_ids=prompt, attention_mask=mask, past_key_values=cache, do_sample=False,
+            out = model.generate(input_ids=prompt, attention_mask=mask, **{CACHE_NAME: cache}, do_sample=False,
                                  max_new_tokens=10, min_new_tokens=10, output_logits=True,
                                  return_dict_in_generate=True, pad_token_id=config.pad_token_id)
         runs.append((torch.stack(out.logits), cache))

@@ -271,6 +271,21 @@ def test_without_serving_extras_the_api_is_open_and_serves_one_model():
     assert _serve_args(container).adapter == []
 
 
+def test_server_device_and_dtype_reach_glmtune_serve():
+    """A GPU pod serves with `--device auto` by default (its GPU when the pod has one); an explicit device and
+    dtype from the spec are passed through as the server parses them."""
+    ft, owner = built(base_spec(serving={"resources": {"gpus": 1}}))
+    [container] = builders.build_deployment(ft, owner, "s3://m/run-1", 1, SETTINGS)["spec"]["template"]["spec"][
+        "containers"]
+    args = _serve_args(container)
+    assert (args.device, args.dtype) == ("auto", "auto")
+    ft, owner = built(base_spec(serving={"resources": {"gpus": 2}, "device": "cuda:1", "dtype": "float16"}))
+    [container] = builders.build_deployment(ft, owner, "s3://m/run-1", 1, SETTINGS)["spec"]["template"]["spec"][
+        "containers"]
+    args = _serve_args(container)
+    assert (args.device, args.dtype) == ("cuda:1", "float16")
+
+
 def test_server_pods_drain_before_they_stop():
     """After SIGTERM the server answers 503 for the drain notice, then finishes streams: the pod's grace period
     must cover both, or Kubernetes kills open generations."""

@@ -38,3 +38,31 @@ def test_zero_on_several_nodes_error_says_why_a_shared_claim_is_needed(tmp_path)
         load_spec_file(spec_file)
     message = str(raised.value)
     assert "ReadWriteMany" in message and "every rank reads all of them" in message
+
+
+@pytest.mark.parametrize(("device", "line"), [("gpu", "device: gpu"), ("cuda:x", "device: 'cuda:x'")])
+def test_serving_device_must_be_auto_cpu_cuda_or_cuda_n(device: str, line: str, tmp_path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(bare(f"serving:\n  {line}  #!"))
+    with pytest.raises(InvalidInputError) as raised:
+        load_spec_file(spec_file)
+    assert raised.value.where.endswith("(spec.serving.device)"), str(raised.value)
+
+
+def test_serving_on_cuda_needs_the_pod_to_get_a_gpu(tmp_path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(bare("serving:\n  device: cuda  #!"))
+    with pytest.raises(InvalidInputError) as raised:
+        load_spec_file(spec_file)
+    assert raised.value.where == f"{spec_file}:{_marked_line(spec_file.read_text())} (spec.serving.device)"
+    assert "resources.gpus" in str(raised.value)
+    spec_file.write_text(bare("serving:\n  device: 'cuda:0'\n  resources: {gpus: 1}"))
+    assert load_spec_file(spec_file).spec.serving.device == "cuda:0"
+
+
+def test_serving_device_pattern_is_the_loaders() -> None:
+    """The spec stays torch-free, so it spells the pattern itself; it must accept exactly what the loader does."""
+    from glmtune.export_loading import DEVICE_PATTERN
+    from glmtune.spec.cluster import SERVING_DEVICE_PATTERN
+
+    assert SERVING_DEVICE_PATTERN == DEVICE_PATTERN
