@@ -9,14 +9,13 @@ into the CRD unconverted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from glmtune import storage
 from glmtune.spec import API_GROUP, API_VERSION, KIND, GLMFineTuneSpec, GLMFineTuneStatus
 from glmtune.spec.rules import crd_validations
 
@@ -173,23 +172,11 @@ def crd_yaml() -> str:
     return yaml.safe_dump(build_crd(), sort_keys=False, allow_unicode=True, width=110)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _run(args: argparse.Namespace) -> int:
     text = crd_yaml()
     if args.out:
-        _write_atomic(Path(args.out), text)
+        # 0644: a private file would hide the manifest from other users (kubectl, CI).
+        storage.atomic_write_bytes(Path(args.out), text.encode(), mode=0o644)
     else:
         sys.stdout.write(text)
     return 0

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from glmtune import storage
 from glmtune.errors import InvalidInputError
 from glmtune.storage import read_json_object
 
@@ -126,15 +126,7 @@ def write_export_info(directory: str | os.PathLike[str], info: ExportInfo) -> Pa
     """Write `glmtune-export.json` into `directory` atomically; returns its path."""
     directory = Path(directory)
     target = directory / EXPORT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{EXPORT_FILE}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(info.to_json(), handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    storage.atomic_write_bytes(target, (json.dumps(info.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
     return target
 
 

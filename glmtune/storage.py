@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,26 +68,74 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client: endpoint from AWS_ENDPOINT_URL (MinIO, moto, ...), credentials the standard AWS way."""
+@dataclass(frozen=True)
+class S3Access:
+    """How to reach one S3 endpoint and how patiently; None fields fall back to the standard AWS environment."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+class S3Unavailable(GlmtuneError):
+    """S3 could not answer (network, throttling, server error): worth retrying later."""
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """Whether a folder is complete (its manifest, written last, lists files that are all there), what is
+    wrong when it is not, and the manifest's sha256 (what a deployment pins)."""
+
+    complete: bool
+    manifest_sha256: str | None = None
+    problem: str = ""
+
+
+_CLIENTS: dict[S3Access, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+_MISSING_OR_DENIED = ("NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId")
+
+
+def s3_client(access: S3Access | None = None) -> Any:
+    """A boto3 S3 client. Without `access`: endpoint from AWS_ENDPOINT_URL (MinIO, moto, ...), credentials the
+    standard AWS way, a new client per call (the environment may change). With `access`: one client per
+    distinct access, shared across threads (boto3 clients are thread-safe)."""
+    if access is None:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _new_client(S3Access(endpoint=os.environ.get("AWS_ENDPOINT_URL") or None, region=region))
+    with _CLIENTS_LOCK:
+        if access not in _CLIENTS:
+            _CLIENTS[access] = _new_client(access)
+        return _CLIENTS[access]
+
+
+def _new_client(access: S3Access) -> Any:
     import boto3
     from botocore.config import Config
 
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     return boto3.client(
-        "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-        region_name=region,
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+        "s3", endpoint_url=access.endpoint, region_name=access.region or "us-east-1",
+        aws_access_key_id=access.access_key_id, aws_secret_access_key=access.secret_access_key,
+        config=Config(retries={"max_attempts": access.max_attempts, "mode": "standard"},
+                      connect_timeout=access.connect_timeout, read_timeout=access.read_timeout),
     )
 
 
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 def _client_error(exc: Exception, uri: str) -> GlmtuneError:
-    """Turn a botocore failure into one line naming the URI."""
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
-    if code in ("NoSuchBucket", "NoSuchKey", "404", "AccessDenied", "403", "InvalidAccessKeyId"):
+    """Turn a botocore failure into one line naming the URI: a missing or refused object is the caller's
+    input error, anything else (network, throttling, server) is S3Unavailable."""
+    code = _error_code(exc) or type(exc).__name__
+    if code in _MISSING_OR_DENIED:
         return InvalidInputError(f"S3 refused the request ({code})", where=uri)
-    return GlmtuneError(f"{uri}: S3 request failed: {exc}")
+    return S3Unavailable(f"{uri}: S3 request failed: {exc}")
 
 
 def _in_prefix(key: str, prefix: str) -> bool:
@@ -94,12 +143,14 @@ def _in_prefix(key: str, prefix: str) -> bool:
     return not prefix or key == prefix or key.startswith(prefix.rstrip("/") + "/")
 
 
-def list_objects(uri: str) -> list[ObjectInfo]:
-    """Every object at or under `uri` (folder semantics), sorted by key; folder markers are left out."""
+def list_objects(uri: str, client: Any = None) -> list[ObjectInfo]:
+    """Every object at or under `uri` (folder semantics), sorted by key; folder markers are left out.
+
+    `client` defaults to `s3_client()` (the environment's endpoint and credentials)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = parse_s3_uri(uri)
-    client = s3_client()
+    client = client or s3_client()
     found: list[ObjectInfo] = []
     try:
         try:
@@ -179,8 +230,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` under a temporary name in the same folder, then rename: readers see all or nothing."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    """Write `data` under a temporary name in the same folder, then rename: readers see all or nothing.
+
+    `mode` sets the file's permissions (the temporary file starts as 0600, private to this user)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -189,10 +242,56 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `staging` at `target` (same filesystem), replacing what is there.
+
+    `target` holds the old folder or the new one, each complete, at every instant: an existing one is swapped
+    with `staging` in one atomic rename (Linux renameat2 RENAME_EXCHANGE) and deleted after; where the kernel
+    cannot swap, it is renamed aside, the new one renamed in, and the old one put back if that fails.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        return
+    aside = target.with_name(f".old-{target.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically; False where the kernel or filesystem cannot (the caller falls back)."""
+    import ctypes
+    import errno
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -268,6 +367,45 @@ def verify_manifest(local_dir: str | os.PathLike, display: str | None = None) ->
                 "checksum mismatch against the manifest (corrupt or tampered)", where=f"{label}/{rel}"
             )
     return manifest
+
+
+def check_complete(uri: str | os.PathLike, client: Any = None) -> Completeness:
+    """Whether the folder at `uri` (local or s3://) is complete: its manifest exists and every file it lists is
+    there with its size (one manifest read and one listing; checksums are left to whoever loads it).
+    S3Unavailable when S3 cannot answer now; `client` as in `list_objects`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    local = not is_s3_uri(uri)
+    try:
+        if local:
+            raw = (Path(uri) / MANIFEST_NAME).read_bytes()
+        else:
+            bucket, prefix = parse_s3_uri(str(uri))
+            base = prefix.rstrip("/")
+            client = client or s3_client()
+            raw = client.get_object(Bucket=bucket, Key=f"{base}/{MANIFEST_NAME}" if base else MANIFEST_NAME)["Body"].read()
+    except OSError as exc:
+        return Completeness(False, None, f"no {MANIFEST_NAME} ({exc.strerror}): the copy is incomplete")
+    except ClientError as exc:
+        if _error_code(exc) not in _MISSING_OR_DENIED:
+            raise _client_error(exc, str(uri)) from None
+        return Completeness(False, None, f"no {MANIFEST_NAME} ({_error_code(exc)}): the copy is incomplete")
+    except BotoCoreError as exc:
+        raise _client_error(exc, str(uri)) from None
+    try:
+        sizes = {name: int(entry["size"]) for name, entry in json.loads(raw)["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return Completeness(False, None, f"{MANIFEST_NAME} is not a glmtune manifest")
+    if local:
+        present = {p.relative_to(uri).as_posix(): p.stat().st_size for p in _folder_files(Path(uri))}
+    else:
+        present = {_relative_key(o.key, prefix): o.size for o in list_objects(str(uri), client) if o.key != prefix}
+    for name, size in sorted(sizes.items()):
+        if name not in present:
+            return Completeness(False, None, f"{name} is listed in the manifest but missing")
+        if present[name] != size:
+            return Completeness(False, None, f"{name} has {present[name]} bytes, the manifest says {size}")
+    return Completeness(True, hashlib.sha256(raw).hexdigest())
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> dict:
@@ -367,7 +505,7 @@ def fetch(
             if has_manifest:
                 verify_manifest(staging, display=uri)
             atomic_write_json(staging / _COMPLETE_MARKER, {"uri": uri, "listing": fingerprint})
-            _install(staging, target)
+            publish_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -391,15 +529,3 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _install(staging: Path, target: Path) -> None:
-    """Rename `staging` to `target`; an outdated `target` is renamed aside first and removed after, so the
-    entry is missing only between two renames and files a reader already opened stay readable."""
-    stale = None
-    if target.exists():
-        stale = target.with_name(f".stale-{target.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, stale)
-    os.replace(staging, target)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)

@@ -14,7 +14,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 export HELM_CACHE_HOME="$work/helm/cache" HELM_CONFIG_HOME="$work/helm/config" HELM_DATA_HOME="$work/helm/data"
 
-"$python" -m glmtune.cli crd > "$work/crd.yaml"
+"$python" -m glmtune_app.cli crd > "$work/crd.yaml"
 
 {
   cat <<HEADER

@@ -10,7 +10,7 @@ from testkit import REPO_ROOT
 
 def test_import_glmtune_and_operator_pull_in_no_torch() -> None:
     code = (
-        "import sys, glmtune, glmtune.cli, glmtune.errors\n"
+        "import sys, glmtune, glmtune_app.cli, glmtune.errors\n"
         "try:\n    import glmtune_operator\nexcept ModuleNotFoundError:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
@@ -40,6 +40,6 @@ def test_stdlib_operator_is_not_shadowed_from_repo_root() -> None:
 
 def test_cli_help_lists_only_real_commands() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "glmtune.cli", "--help"], check=True, capture_output=True, text=True
+        [sys.executable, "-m", "glmtune_app.cli", "--help"], check=True, capture_output=True, text=True
     ).stdout
     assert "usage: glmtune" in out

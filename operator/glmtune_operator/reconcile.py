@@ -19,6 +19,8 @@ from typing import Any
 
 import kopf
 
+from glmtune import storage
+from glmtune.errors import GlmtuneError
 from glmtune.spec import GLMFineTune, SpecError, spec_from_mapping
 from glmtune_operator import builders, datawatch, metrics, names, phases, rollout, s3check
 from glmtune_operator.kube import KubeApi, Stale
@@ -29,11 +31,10 @@ LOG = logging.getLogger("glmtune_operator")
 
 @dataclass
 class Operator:
-    """Shared by every handler call: API access, settings, S3 clients."""
+    """Shared by every handler call: API access and settings (S3 clients are cached by `glmtune.storage`)."""
 
     api: KubeApi
     settings: OperatorSettings
-    s3: s3check.S3Clients = field(default_factory=s3check.S3Clients)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def s3_client(op: Operator, ft: GLMFineTune, namespace: str) -> Any:
     secret = op.api.secret_data(namespace, ref.name) if ref is not None else None
     if ref is not None and secret is None:
         raise SecretMissing(ref.name)
-    return op.s3.get(s3check.access_for(ft.spec.s3, secret, op.settings.s3_endpoint))
+    return storage.s3_client(s3check.access_for(ft.spec.s3, secret, op.settings.s3_endpoint))
 
 
 def reconcile_spec(op: Operator, body: Mapping[str, Any], memory: Memory, reason: str) -> None:
@@ -122,11 +123,9 @@ def reconcile_spec(op: Operator, body: Mapping[str, Any], memory: Memory, reason
 
 def _data_versions(op: Operator, ft: GLMFineTune, namespace: str, client: Any = None) -> dict[str, str] | None:
     """The data listing a new run trains on (None when S3 cannot tell now; the watcher records it later)."""
-    from botocore.exceptions import ClientError
-
     try:
         return s3check.list_data_versions(client or s3_client(op, ft, namespace), ft.spec.data.sources)
-    except (s3check.S3Unavailable, ClientError, SecretMissing) as exc:
+    except (GlmtuneError, SecretMissing) as exc:  # S3Unavailable, or a bucket that is missing or refused
         LOG.warning("cannot list the data of %s/%s: %s", namespace, ft.name, exc)
         return None
 

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from glmtune_app.cli import main as glmtune_main
 from glmtune_trainer.data import build as build_module
 from glmtune_trainer.data.build import BuildConfig, build_records, open_records, read_manifest
 from glmtune_trainer.data.encode import SampleEncoder
 
 from glmtune import storage
-from glmtune.cli import main as glmtune_main
 
 STRATEGIES = ("truncation", "singlesliding", "doublesliding", "packing")
 
@@ -155,7 +155,7 @@ def test_killed_build_process_leaves_no_manifest(shared, tmp_path) -> None:
         [
             sys.executable,
             "-m",
-            "glmtune.cli",
+            "glmtune_app.cli",
             "data",
             "build",
             str(data),

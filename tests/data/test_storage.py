@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -171,3 +172,96 @@ def test_json_files_read_back_as_objects_or_named_errors(tmp_path: Path) -> None
     (tmp_path / "copy" / storage.MANIFEST_NAME).write_text("{")
     with pytest.raises(InvalidInputError, match=rf"{storage.MANIFEST_NAME}:1: invalid JSON"):
         storage.read_manifest(tmp_path / "copy")
+
+
+def test_check_complete_reads_the_manifest_and_the_listing_locally_and_in_s3(s3_bucket: str, tmp_path: Path) -> None:
+    src = _make_folder(tmp_path / "src")
+    assert "glmtune-manifest.json" in storage.check_complete(src).problem
+    storage.write_manifest(src)
+    uri = f"s3://{s3_bucket}/runs/check"
+    storage.upload_dir(src, uri)
+    raw = (src / storage.MANIFEST_NAME).read_bytes()
+    for where in (src, uri):
+        check = storage.check_complete(where)
+        assert check.complete and check.manifest_sha256 == hashlib.sha256(raw).hexdigest()
+    (src / "a.txt").write_text("longer than before\n")
+    assert "a.txt has 19 bytes" in storage.check_complete(src).problem
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").unlink()
+    assert storage.check_complete(src).problem == "sub/b.bin is listed in the manifest but missing"
+    assert not storage.check_complete(f"s3://{s3_bucket}/runs/none").complete
+
+
+def test_an_unreachable_endpoint_is_s3_unavailable_and_clients_are_shared_per_access() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    access = storage.S3Access(endpoint=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s",
+                              max_attempts=1, connect_timeout=1.0, read_timeout=1.0)
+    client = storage.s3_client(access)
+    assert storage.s3_client(storage.S3Access(**vars(access))) is client
+    with pytest.raises(storage.S3Unavailable):
+        storage.check_complete("s3://models/run-1", client)
+    with pytest.raises(storage.S3Unavailable):
+        storage.list_objects("s3://models/run-1", client)
+
+
+def _version(root: Path, tag: str) -> Path:
+    root.mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+        (root / name).write_text(tag)
+    return root
+
+
+def test_publish_replaces_a_folder_that_readers_never_find_missing_or_partial(tmp_path: Path) -> None:
+    import threading
+
+    target = _version(tmp_path / "out", "v0")
+    problems: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            for name in ("a.txt", "b.txt"):
+                try:
+                    if (target / name).read_text() not in {f"v{i}" for i in range(200)}:
+                        problems.append(f"{name} empty")
+                except FileNotFoundError:
+                    problems.append(f"{name} missing")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 200):
+            storage.publish_dir(_version(tmp_path / f"staging-{i}", f"v{i}"), target)
+    finally:
+        done.set()
+        reader.join()
+    assert not problems, problems[:5]
+    assert (target / "a.txt").read_text() == "v199"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # every old copy was removed
+
+
+def test_publish_without_an_atomic_swap_puts_the_old_folder_back_when_the_new_one_cannot_move_in(
+        tmp_path: Path, monkeypatch) -> None:
+    # An exchange flag the kernel rejects (EINVAL) sends publish_dir down its rename-aside path.
+    monkeypatch.setattr(storage, "_RENAME_EXCHANGE", 1 << 20)
+    target = _version(tmp_path / "out", "old")
+    staging = _version(tmp_path / "new", "new")
+    real_replace = os.replace
+
+    def failing_replace(src, dst) -> None:
+        if Path(src) == staging:
+            raise OSError("disk unplugged")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk unplugged"):
+        storage.publish_dir(staging, target)
+    assert (target / "a.txt").read_text() == "old" and (staging / "a.txt").read_text() == "new"
+    monkeypatch.setattr(os, "replace", real_replace)
+    storage.publish_dir(staging, target)
+    assert (target / "b.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

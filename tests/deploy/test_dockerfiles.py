@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from glmtune_app.cli import build_parser
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from testkit import REPO_ROOT
-
-from glmtune.cli import build_parser
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+ (tomllib)")
 DOCKERFILES = {"train": "Dockerfile.train", "serve": "Dockerfile.serve", "operator": "Dockerfile.operator"}
@@ -189,8 +188,21 @@ def test_every_copy_source_exists_and_is_in_the_build_context(name: str) -> None
                     assert in_build_context(relative), f"{name}: {relative} is excluded by .dockerignore"
 
 
+@pytest.mark.parametrize("name", DOCKERFILES.values())
+def test_every_package_folder_the_project_installs_is_copied(name: str) -> None:
+    """`pip install .` in the image finds packages only in the folders pyproject lists: a folder missing from
+    the COPY lines builds fine and fails at `glmtune` start-up (the console script's module is absent)."""
+    wanted = {w.strip("./") for w in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"] if w != "."}
+    copied = set()
+    for stage in parse_dockerfile(name):
+        for text in stage.all("COPY"):
+            words = [w for w in shlex.split(text) if not w.startswith("--")]
+            copied.update(w.strip("/") for w in words[:-1])
+    assert wanted <= copied, f"{name}: not copied: {sorted(wanted - copied)}"
+
+
 def test_dockerignore_check_follows_docker_rules() -> None:
-    assert in_build_context("glmtune/cli.py")
+    assert in_build_context("app/glmtune_app/cli.py")
     assert not in_build_context("glmtune/__pycache__/cli.cpython-311.pyc")
     assert not in_build_context("tests/testkit.py")
     assert not in_build_context(".venv/bin/python")

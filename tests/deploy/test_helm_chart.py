@@ -8,11 +8,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from glmtune_app.cli import build_parser
 from glmtune_operator.cli import kopf_arguments
 from glmtune_operator.settings import load_settings
 from testkit import REPO_ROOT
 
-from glmtune.cli import build_parser
 from glmtune.crd import build_crd
 
 CHART = REPO_ROOT / "charts" / "glmtune"

@@ -59,7 +59,7 @@ def test_sampling_with_a_seed_is_reproducible(trained):
 def test_glmtune_chat_streams_answers_and_keeps_history(exports, trained_qa, monkeypatch, capsys):
     import io
 
-    from glmtune.cli import main
+    from glmtune_app.cli import main
 
     (first_q, first_a), (second_q, second_a) = trained_qa["full"]
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{first_q}\nclear\n{second_q}\nexit\n"))

@@ -112,7 +112,7 @@ def test_a_missing_model_directory_is_an_input_error(tmp_path):
 
 
 def test_serve_and_chat_exit_2_on_a_bad_model_dir(tmp_path, capsys):
-    from glmtune.cli import main
+    from glmtune_app.cli import main
 
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2

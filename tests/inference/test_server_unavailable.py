@@ -86,7 +86,7 @@ def test_glmtune_serve_answers_503_after_sigterm_then_exits(exports, tmp_path):
     port = _free_port()
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read back after the process ends
     process = subprocess.Popen(
-        [sys.executable, "-m", "glmtune.cli", "serve", str(exports.get("base", "v2")), "--model-name", "base",
+        [sys.executable, "-m", "glmtune_app.cli", "serve", str(exports.get("base", "v2")), "--model-name", "base",
          "--port", str(port), "--drain-notice", "3"], stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"

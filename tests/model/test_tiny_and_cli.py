@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from glmtune_app.cli import main
 from testkit import REPO_ROOT
 
-from glmtune.cli import main
 from glmtune.modeling.tiny import create_model_dir, tiny_config
 
 

@@ -91,7 +91,7 @@ class OperatorProcess:
                **self.extra_env}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "glmtune.cli", "operator", "--standalone", f"--namespace={NAMESPACE}",
+                [sys.executable, "-m", "glmtune_app.cli", "operator", "--standalone", f"--namespace={NAMESPACE}",
                  f"--liveness=http://127.0.0.1:{self.liveness}/healthz", "--verbose"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         wait_for(self.alive, 60, "the operator's liveness endpoint", self.tail)

@@ -9,6 +9,8 @@ from glmtune_operator import s3check
 from local_pods import free_port
 from operator_testkit import upload_export
 
+from glmtune import storage
+
 
 def test_a_complete_export_is_verified_by_its_manifest(s3, new_bucket):
     bucket = new_bucket("models")
@@ -50,7 +52,7 @@ def test_data_listing_covers_data_files_under_the_prefix_only(s3, new_bucket):
 
 
 def test_an_unreachable_endpoint_is_a_transient_error():
-    client = s3check.S3Clients().get(s3check.S3Access(endpoint=f"http://127.0.0.1:{free_port()}",
-                                                      access_key_id="k", secret_access_key="s"))
+    client = storage.s3_client(s3check.S3Access(endpoint=f"http://127.0.0.1:{free_port()}",
+                                                access_key_id="k", secret_access_key="s"))
     with pytest.raises(s3check.S3Unavailable):
         s3check.verify_export(client, "s3://models/chat/run-1")

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from glmtune_app.cli import build_parser, main
 from glmtune_operator.cli import kopf_arguments
 from glmtune_operator.settings import DEFAULT_TRAINER_IMAGE, load_settings
 
-from glmtune.cli import build_parser, main
 from glmtune.errors import InvalidInputError
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from glmtune_app.cli import main
 from glmtune_trainer.metrics import read_metrics
 from testkit import REPO_ROOT
-
-from glmtune.cli import main
 
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -136,7 +135,7 @@ def test_cpu_adam_that_cannot_be_built_is_one_message_naming_the_setting(tmp_pat
     blocker.write_text("")
     env = {name: value for name, value in os.environ.items() if name not in RENDEZVOUS}
     env["TORCH_EXTENSIONS_DIR"] = str(blocker / "torch-extensions")
-    argv = [sys.executable, "-m", "glmtune.cli", "run", str(QUICKSTART), "--workdir", str(tmp_path / "run")]
+    argv = [sys.executable, "-m", "glmtune_app.cli", "run", str(QUICKSTART), "--workdir", str(tmp_path / "run")]
     for setting in (*SHORT_RUN, "training.deepspeed.stage=2", "training.deepspeed.offloadOptimizer=true"):
         argv += ["--set", setting]
     done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -151,6 +150,6 @@ def test_cpu_adam_that_cannot_be_built_is_one_message_naming_the_setting(tmp_pat
     (["train", "spec.yaml", "--debug"], True), (["data", "build", "in.jsonl", "--tokenizer", "t", "--out", "o", "--debug"], True),
 ])
 def test_debug_is_accepted_before_or_after_the_command(argv: list[str], debug: bool) -> None:
-    from glmtune.cli import build_parser
+    from glmtune_app.cli import build_parser
 
     assert build_parser().parse_args(argv).debug is debug

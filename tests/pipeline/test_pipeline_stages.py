@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from glmtune_app.cli import main
 from pipeline_testkit import QUICKSTART_DATA, small_spec
 from testkit import REPO_ROOT
 
-from glmtune.cli import main
 from glmtune.errors import InvalidInputError
 from glmtune.export_format import read_export_info
 from glmtune.spec import load_spec_file, spec_from_mapping
@@ -29,7 +29,7 @@ def _one_thread() -> None:
 
 def test_run_builds_trains_and_exports_a_complete_model_under_the_workdir(spec_file, tmp_path: Path,
                                                                          capsys) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     workdir = tmp_path / "run"
     result = run_pipeline(load_spec_file(spec_file()), workdir)
@@ -47,7 +47,7 @@ def test_run_builds_trains_and_exports_a_complete_model_under_the_workdir(spec_f
 
 
 def test_rerun_reuses_the_base_model_records_and_finished_training(spec_file, tmp_path: Path, capsys) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     spec = load_spec_file(spec_file())
     run_pipeline(spec, tmp_path / "run")
@@ -60,7 +60,7 @@ def test_rerun_reuses_the_base_model_records_and_finished_training(spec_file, tm
 
 
 def test_summary_asks_a_real_training_question(spec_file, tmp_path: Path, capsys) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     run_pipeline(load_spec_file(spec_file()), tmp_path / "run", port=8123)
     first_question = json.loads(QUICKSTART_DATA.read_text(encoding="utf-8").splitlines()[0])["paragraph"][0]["q"]
@@ -71,8 +71,7 @@ def test_summary_asks_a_real_training_question(spec_file, tmp_path: Path, capsys
 
 def test_s3_data_in_and_s3_export_out(s3_bucket: str, spec_file, tmp_path: Path) -> None:
     import boto3
-
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     client = boto3.client("s3")
     client.put_object(Bucket=s3_bucket, Key="data/quickstart.jsonl", Body=QUICKSTART_DATA.read_bytes())
@@ -86,8 +85,9 @@ def test_s3_data_in_and_s3_export_out(s3_bucket: str, spec_file, tmp_path: Path)
 
 
 def test_a_checkpoint_given_as_model_uri_is_fine_tuned_with_lora(tmp_path: Path) -> None:
+    from glmtune_app.pipeline import run_pipeline
+
     from glmtune.modeling import create_model_dir
-    from glmtune.pipeline import run_pipeline
 
     checkpoint = create_model_dir("v1", "tiny", tmp_path / "chatglm-6b", seed=1)
     mapping = small_spec(steps=2)
@@ -102,7 +102,7 @@ def test_a_checkpoint_given_as_model_uri_is_fine_tuned_with_lora(tmp_path: Path)
 
 @pytest.mark.parametrize("field", ["output", "source", "tokenizer"])
 def test_pvc_locations_are_refused_outside_a_cluster(field: str, tmp_path: Path) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     mapping = small_spec(output="pvc://models/out" if field == "output" else "export",
                          sources=["pvc://datasets/qa.jsonl"] if field == "source" else None)
@@ -159,8 +159,7 @@ def test_train_puts_a_relative_output_uri_in_the_workdir_like_run(spec_file, tmp
 
 def test_the_pytorchjob_entry_resolves_locations_like_run(spec_file, tmp_path: Path, monkeypatch) -> None:
     from glmtune_trainer.__main__ import main as trainer_main
-
-    from glmtune.pipeline import run_locations
+    from glmtune_trainer.seam import run_locations
 
     spec = spec_file(steps=1, output="final")
     monkeypatch.chdir(tmp_path)
@@ -174,7 +173,7 @@ def test_the_pytorchjob_entry_resolves_locations_like_run(spec_file, tmp_path: P
 
 
 def test_a_created_base_model_takes_the_given_tokenizer(shared, spec_file, tmp_path: Path, capsys) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     tokenizer = shared / "reference" / "vectors" / "tokenizers" / "chatglm2"
     spec = load_spec_file(spec_file(steps=1), [f"model.create.tokenizer={tokenizer}"])
@@ -185,7 +184,7 @@ def test_a_created_base_model_takes_the_given_tokenizer(shared, spec_file, tmp_p
 
 
 def test_serving_port_in_use_fails_before_any_work(spec_file, tmp_path: Path) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -202,7 +201,7 @@ def test_nproc_below_one_is_an_input_error(spec_file, tmp_path: Path, capsys) ->
 
 
 def test_importing_the_run_command_does_not_import_torch() -> None:
-    code = "import sys, glmtune.pipeline, glmtune.cli; glmtune.cli.build_parser(); print('torch' in sys.modules)"
+    code = "import sys, glmtune_app.pipeline, glmtune_app.cli; glmtune_app.cli.build_parser(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.stdout.strip() == "False"
@@ -210,7 +209,7 @@ def test_importing_the_run_command_does_not_import_torch() -> None:
 
 @pytest.mark.slow
 def test_nproc_2_trains_under_torchrun_and_exports(spec_file, tmp_path: Path, capsys) -> None:
-    from glmtune.pipeline import run_pipeline
+    from glmtune_app.pipeline import run_pipeline
 
     result = run_pipeline(load_spec_file(spec_file(steps=2)), tmp_path / "run", nproc=2)
     assert result.steps == 2

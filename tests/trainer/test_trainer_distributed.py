@@ -11,7 +11,7 @@ import pytest
 import yaml
 from glmtune_trainer.distributed import read_topology, torchrun_command
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 from testkit import REPO_ROOT
 
 from .conftest import free_port, spec_mapping
@@ -28,7 +28,7 @@ def _train_single_then_write_multi(single: dict, multi: dict, stage: int | None,
 
     if stage is not None:
         multi["spec"]["training"]["deepspeed"] = {"stage": stage}
-    train(spec_from_mapping(single, "single"), tmp_path / "single")
+    train_spec(spec_from_mapping(single, "single"), tmp_path / "single")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(multi))
     return spec_file

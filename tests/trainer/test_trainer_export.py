@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from glmtune_trainer.export import export, read_run, rebuild_trained_model
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 
 from glmtune import storage
 from glmtune.errors import InvalidInputError
@@ -19,7 +19,7 @@ from glmtune.export_format import ExportInfo, read_export_info, write_export_inf
 def lora_checkpoint(make_spec, tmp_path: Path) -> Path:
     spec = make_spec("lora", family="v1", method_settings={"r": 4, "dropout": 0.0}, maxSteps=3, learningRate=5e-2,
                      output={"export": "adapter"})
-    return train(spec, tmp_path / "run").checkpoint_dir
+    return train_spec(spec, tmp_path / "run").checkpoint_dir
 
 
 def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_output_bits_in_the_spec_exports_int4_weights(make_spec, tmp_path: Path)
 
     spec = make_spec("lora", family="v2", method_settings={"r": 4, "dropout": 0.0}, maxSteps=2,
                      output={"export": "merged", "bits": 4})
-    result = train(spec, tmp_path / "run")
+    result = train_spec(spec, tmp_path / "run")
     assert read_export_info(result.export.uri).quantization_bit == 4
     loaded = load_model(result.export.uri)
     in_memory = rebuild_trained_model(result.checkpoint_dir, read_run(result.checkpoint_dir))
@@ -102,7 +102,7 @@ def test_output_bits_in_the_spec_exports_int4_weights(make_spec, tmp_path: Path)
 
 
 def test_full_training_has_no_adapter_to_export(make_spec, tmp_path: Path) -> None:
-    checkpoint = train(make_spec("full", maxSteps=1), tmp_path / "run").checkpoint_dir
+    checkpoint = train_spec(make_spec("full", maxSteps=1), tmp_path / "run").checkpoint_dir
     with pytest.raises(InvalidInputError, match="no adapter"):
         export(checkpoint, str(tmp_path / "out"), "adapter")
 
@@ -150,7 +150,7 @@ def test_an_adapter_export_to_s3_carries_a_local_base_inside(lora_checkpoint: Pa
 
 
 def test_export_cli_reports_a_bad_checkpoint_with_exit_code_2(tmp_path: Path, capsys) -> None:
-    from glmtune.cli import main
+    from glmtune_app.cli import main
 
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a glmtune training checkpoint" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from glmtune_trainer import engine as engine_module
 from glmtune_trainer.guard import NonFiniteGuard, NonFiniteLossError
 from glmtune_trainer.loss import chunked_cross_entropy
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 
 
 @pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
@@ -69,7 +69,7 @@ def _poison_steps(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
 
 def test_a_nan_step_is_skipped_and_counted_and_training_continues(make_spec, tmp_path: Path, monkeypatch) -> None:
     _poison_steps(monkeypatch, {2, 3})
-    result = train(make_spec("lora", maxSteps=5), tmp_path / "run")
+    result = train_spec(make_spec("lora", maxSteps=5), tmp_path / "run")
     logged = read_metrics(tmp_path / "run" / "logs", "train")
     assert result.metrics["skipped_steps"] == 2 and logged[-1]["skipped_steps"] == 2
     assert result.metrics["step"] == 5 and result.export is not None
@@ -78,15 +78,15 @@ def test_a_nan_step_is_skipped_and_counted_and_training_continues(make_spec, tmp
 def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(make_spec, tmp_path: Path, monkeypatch) -> None:
     _poison_steps(monkeypatch, set(range(2, 100)))
     with pytest.raises(NonFiniteLossError, match="NaN/Inf for 3 consecutive steps"):
-        train(make_spec("lora", maxSteps=20, maxBadSteps=3), tmp_path / "run")
+        train_spec(make_spec("lora", maxSteps=20, maxBadSteps=3), tmp_path / "run")
 
 
 def test_skipped_step_leaves_the_weights_untouched(make_spec, tmp_path: Path, monkeypatch) -> None:
     from glmtune_trainer.checkpoint import load_weights
 
-    clean = train(make_spec("full", maxSteps=1, learningRate=1e-2), tmp_path / "clean")
+    clean = train_spec(make_spec("full", maxSteps=1, learningRate=1e-2), tmp_path / "clean")
     _poison_steps(monkeypatch, {2})
-    poisoned = train(make_spec("full", maxSteps=2, learningRate=1e-2), tmp_path / "poisoned")
+    poisoned = train_spec(make_spec("full", maxSteps=2, learningRate=1e-2), tmp_path / "poisoned")
     # Both runs' first step has the full learning rate; the poisoned run's second step must change nothing.
     a = load_weights(clean.checkpoint_dir / "model.safetensors")
     b = load_weights(poisoned.checkpoint_dir / "model.safetensors")
@@ -120,7 +120,7 @@ def test_generation_metrics_score_what_the_trained_model_answers(make_spec, tmp_
     spec = make_spec("full", maxSteps=12, batchSize=4, learningRate=5e-3, warmupSteps=0, scheduler="constant",
                      data={"sources": [str(data)], "evalSplit": 0.25},
                      evaluation={"everyEpoch": True, "generationMetrics": True})
-    result = train(spec, tmp_path / "run")
+    result = train_spec(spec, tmp_path / "run")
     final = read_metrics(tmp_path / "run" / "logs", "eval")[-1]
     assert final["step"] == 12
     # Greedy decoding returns the trained answer, exactly the held-out reference.

@@ -10,7 +10,7 @@ import torch
 from glmtune_trainer.checkpoint import load_weights
 from glmtune_trainer.methods import apply_method, layer_count
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 from safetensors.torch import load_file
 
 from glmtune.errors import InvalidInputError
@@ -31,7 +31,7 @@ def _learned(losses: list[float], margin: float = 0.2) -> bool:
 def test_lora_trains_only_adapters_and_learns(make_spec, tmp_path: Path) -> None:
     spec = make_spec("lora", method_settings={"r": 8, "alpha": 32, "dropout": 0.0, "targetModules": ALL_LINEAR},
                      epochs=3, learningRate=3e-2)
-    result = train(spec, tmp_path / "run")
+    result = train_spec(spec, tmp_path / "run")
     trained = load_weights(result.checkpoint_dir / "model.safetensors")
     assert trained and all("lora_A" in k or "lora_B" in k for k in trained)
     assert _learned(_losses(tmp_path / "run"))
@@ -41,7 +41,7 @@ def test_lora_trains_only_adapters_and_learns(make_spec, tmp_path: Path) -> None
 def test_ptv2_trains_only_the_prefix_encoder_and_exports_it_with_pre_seq_len(make_spec, tmp_path: Path) -> None:
     spec = make_spec("ptv2", family="v1", method_settings={"preSeqLen": 4, "prefixProjection": True},
                      epochs=4, learningRate=1e-1)
-    result = train(spec, tmp_path / "run")
+    result = train_spec(spec, tmp_path / "run")
     trained = load_weights(result.checkpoint_dir / "model.safetensors")
     assert trained and all(k.startswith("transformer.prefix_encoder.") for k in trained)
     assert _learned(_losses(tmp_path / "run"), margin=0.08)  # a prefix moves a random tiny model slowly
@@ -57,7 +57,7 @@ def test_ptv2_trains_only_the_prefix_encoder_and_exports_it_with_pre_seq_len(mak
 def test_full_training_learns_and_exports_whole_weights(make_spec, tmp_path: Path) -> None:
     from glmtune.modeling import load_model
 
-    result = train(make_spec("full", epochs=2, learningRate=1e-2), tmp_path / "run")
+    result = train_spec(make_spec("full", epochs=2, learningRate=1e-2), tmp_path / "run")
     assert _learned(_losses(tmp_path / "run"))
     assert read_export_info(result.export.uri).kind == "full"
     exported = load_model(result.export.uri)
@@ -101,7 +101,7 @@ def test_freezing_every_layer_is_refused_with_the_field_path(tiny_model) -> None
 
 def test_adalora_reallocates_ranks_during_training(make_spec, tmp_path: Path) -> None:
     settings = {"initR": 6, "targetR": 2, "tinit": 1, "tfinal": 1, "deltaT": 1, "totalStep": 6}
-    result = train(make_spec("adalora", method_settings=settings, maxSteps=6, learningRate=1e-2), tmp_path / "run")
+    result = train_spec(make_spec("adalora", method_settings=settings, maxSteps=6, learningRate=1e-2), tmp_path / "run")
     trained = load_weights(result.checkpoint_dir / "model.safetensors")
     lora_e = [v for k, v in trained.items() if "lora_E" in k]
     # The budget shrinks from initR 6 towards targetR 2: masked singular values are exactly zero.

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from glmtune_trainer.checkpoint import STATE_FILE, step_dir_name
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 from testkit import REPO_ROOT
 
 from .conftest import free_port, spec_mapping
@@ -84,7 +84,7 @@ def test_nodes_with_their_own_work_dirs_prepare_checkpoint_and_resume_locally(ti
     from glmtune.spec import spec_from_mapping
 
     single, multi = _specs(tiny_model, tmp_path, qa_data)
-    train(spec_from_mapping(single, "single"), tmp_path / "single")
+    train_spec(spec_from_mapping(single, "single"), tmp_path / "single")
     expected = _losses(tmp_path / "single")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(multi))
@@ -122,7 +122,7 @@ def test_nodes_sharing_one_work_dir_match_single_process(tiny_model, tmp_path: P
 
     single, multi = _specs(tiny_model, tmp_path, qa_data)
     single["spec"]["training"]["maxSteps"] = 3
-    train(spec_from_mapping(single, "single"), tmp_path / "single")
+    train_spec(spec_from_mapping(single, "single"), tmp_path / "single")
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(multi))
     shared = tmp_path / "shared" / "run"

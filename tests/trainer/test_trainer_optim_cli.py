@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from glmtune_trainer.distributed import deepspeed_config
+from glmtune_trainer.engine import deepspeed_config
 from glmtune_trainer.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, parameter_groups
 
 from .conftest import spec_mapping
@@ -92,7 +92,7 @@ def test_shipped_zero_configs_are_completed_from_the_spec(stage: int) -> None:
 
 
 def test_train_command_applies_overrides_and_writes_logs(tiny_model, tmp_path: Path, capsys) -> None:
-    from glmtune.cli import main
+    from glmtune_app.cli import main
 
     spec_file = tmp_path / "run.yaml"
     spec_file.write_text(yaml.safe_dump(spec_mapping(tiny_model("v2"), tmp_path / "export", "lora", epochs=50)))
@@ -116,7 +116,7 @@ def test_train_command_applies_overrides_and_writes_logs(tiny_model, tmp_path: P
 
 
 def test_train_command_names_the_bad_field_and_exits_2(tiny_model, tmp_path: Path, capsys) -> None:
-    from glmtune.cli import main
+    from glmtune_app.cli import main
 
     spec_file = tmp_path / "run.yaml"
     spec_file.write_text(yaml.safe_dump(spec_mapping(tiny_model("v2"), tmp_path / "export", "lora")))
@@ -130,11 +130,11 @@ def test_mixed_precision_computes_in_half_and_keeps_fp32_master_weights(make_spe
                                                                         precision: str) -> None:
     from glmtune_trainer.checkpoint import load_weights
     from glmtune_trainer.metrics import read_metrics
-    from glmtune_trainer.run import train
+    from glmtune_trainer.run import train_spec
 
     settings = {"dropout": 0.0} if method == "lora" else None
-    result = train(make_spec(method, maxSteps=2, precision=precision, method_settings=settings), tmp_path / "half")
-    train(make_spec(method, maxSteps=2, precision="fp32", method_settings=settings), tmp_path / "fp32")
+    result = train_spec(make_spec(method, maxSteps=2, precision=precision, method_settings=settings), tmp_path / "half")
+    train_spec(make_spec(method, maxSteps=2, precision="fp32", method_settings=settings), tmp_path / "fp32")
     weights = load_weights(result.checkpoint_dir / "model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     # Step 1's loss comes from the untouched model: only the precision of the forward can change it. It must
@@ -159,10 +159,10 @@ def test_time_based_checkpoints_are_due_after_the_interval() -> None:
 
 def test_gradient_checkpointing_gives_the_same_loss_and_weights(make_spec, tmp_path: Path) -> None:
     from glmtune_trainer.checkpoint import load_weights
-    from glmtune_trainer.run import train
+    from glmtune_trainer.run import train_spec
 
-    plain = train(make_spec("lora", maxSteps=2, method_settings={"dropout": 0.0}), tmp_path / "plain")
-    recomputed = train(make_spec("lora", maxSteps=2, method_settings={"dropout": 0.0}, gradientCheckpointing=True),
+    plain = train_spec(make_spec("lora", maxSteps=2, method_settings={"dropout": 0.0}), tmp_path / "plain")
+    recomputed = train_spec(make_spec("lora", maxSteps=2, method_settings={"dropout": 0.0}, gradientCheckpointing=True),
                        tmp_path / "gc")
     assert recomputed.metrics["loss"] == pytest.approx(plain.metrics["loss"], rel=1e-5)
     a = load_weights(plain.checkpoint_dir / "model.safetensors")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from glmtune_trainer.checkpoint import load_weights
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 
 
 def _finite_losses(workdir: Path) -> list[float]:
@@ -23,7 +23,7 @@ def test_lora_on_a_bitsandbytes_base_trains_and_exports_merged(make_spec, tmp_pa
     spec = make_spec("lora", maxSteps=3)
     spec.spec.model.quantization = type(spec.spec.model).model_fields["quantization"].annotation.__args__[0](
         bits=bits, backend="bitsandbytes")
-    result = train(spec, tmp_path / "run")
+    result = train_spec(spec, tmp_path / "run")
     _finite_losses(tmp_path / "run")
     assert all("lora_" in k for k in load_weights(result.checkpoint_dir / "model.safetensors"))
     assert read_export_info(result.export.uri).kind == "merged"
@@ -36,7 +36,7 @@ def test_training_on_glmtune_weight_only_quantized_base(make_spec, tmp_path: Pat
     spec = make_spec(method, family="v1", maxSteps=3)
     mapping = spec.model_dump(by_alias=True, exclude_none=True)
     mapping["spec"]["model"]["quantization"] = {"bits": bits, "backend": "glmtune"}
-    result = train(spec_from_mapping(mapping, "test"), tmp_path / "run")
+    result = train_spec(spec_from_mapping(mapping, "test"), tmp_path / "run")
     _finite_losses(tmp_path / "run")
     trained = load_weights(result.checkpoint_dir / "model.safetensors")
     prefix = "transformer.prefix_encoder." if method == "ptv2" else None
@@ -57,7 +57,7 @@ def test_a_ptv2_int4_export_is_served_over_the_int4_base_it_was_trained_on(make_
     spec = make_spec("ptv2", family="v2", method_settings={"preSeqLen": 4}, maxSteps=3, learningRate=5e-2)
     mapping = spec.model_dump(by_alias=True, exclude_none=True)
     mapping["spec"]["model"]["quantization"] = {"bits": 4, "backend": "glmtune"}
-    result = train(spec_from_mapping(mapping, "test"), tmp_path / "run")
+    result = train_spec(spec_from_mapping(mapping, "test"), tmp_path / "run")
     assert read_export_info(result.export.uri).quantization_bit == 4
     (served,) = load_served_models(result.export.uri).values()
     assert {m.bits for m in served.model.modules() if isinstance(m, QuantizedLinear)} == {4}

@@ -14,7 +14,7 @@ from .conftest import spec_mapping
 
 NOISE = re.compile(r"warn|deprecat|bitsandbytes|kernels-community|traceback", re.IGNORECASE)
 # Runs `glmtune train` and then reports whether bitsandbytes was ever imported (stdout, last line).
-TRAIN_AND_REPORT = ("import sys\nfrom glmtune.cli import main\ncode = main(sys.argv[1:])\n"
+TRAIN_AND_REPORT = ("import sys\nfrom glmtune_app.cli import main\ncode = main(sys.argv[1:])\n"
                     "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\nsys.exit(code)\n")
 
 

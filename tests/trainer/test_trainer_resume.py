@@ -15,7 +15,7 @@ import torch
 import yaml
 from glmtune_trainer.checkpoint import list_checkpoints, load_weights
 from glmtune_trainer.metrics import read_metrics
-from glmtune_trainer.run import train
+from glmtune_trainer.run import train_spec
 from testkit import REPO_ROOT
 
 from .conftest import spec_mapping
@@ -29,10 +29,10 @@ def _same_weights(a: Path, b: Path) -> bool:
 def test_resume_continues_bit_for_bit(make_spec, tmp_path: Path) -> None:
     settings = {"r": 4, "dropout": 0.1}  # dropout draws random numbers: the RNG state must be restored
     spec = make_spec("lora", method_settings=settings, maxSteps=6, checkpoint={"everySteps": 1, "keepLast": 2})
-    straight = train(spec, tmp_path / "straight")
-    first = train(spec, tmp_path / "resumed", stop_after=3)
+    straight = train_spec(spec, tmp_path / "straight")
+    first = train_spec(spec, tmp_path / "resumed", stop_after=3)
     assert first.export is None and first.metrics["step"] == 3
-    resumed = train(spec, tmp_path / "resumed")
+    resumed = train_spec(spec, tmp_path / "resumed")
     assert resumed.metrics["step"] == 6
     assert _same_weights(straight.checkpoint_dir, resumed.checkpoint_dir)
     # keepLast 2: only the two newest complete checkpoints remain, and no temporary directory.
@@ -42,8 +42,8 @@ def test_resume_continues_bit_for_bit(make_spec, tmp_path: Path) -> None:
 
 
 def test_resume_never_starts_from_scratch(make_spec, tmp_path: Path) -> None:
-    train(make_spec("lora", maxSteps=2), tmp_path / "run")
-    again = train(make_spec("lora", maxSteps=2, checkpoint={"resume": "never"}), tmp_path / "run")
+    train_spec(make_spec("lora", maxSteps=2), tmp_path / "run")
+    again = train_spec(make_spec("lora", maxSteps=2, checkpoint={"resume": "never"}), tmp_path / "run")
     assert len(read_metrics(tmp_path / "run" / "logs", "train")) == 4 and again.metrics["step"] == 2
 
 
@@ -51,10 +51,10 @@ def test_checkpoints_are_mirrored_to_s3_and_resume_auto_fetches_the_newest(make_
                                                                            s3_bucket: str) -> None:
     mirror = f"s3://{s3_bucket}/ckpt"
     spec = make_spec("lora", maxSteps=4, checkpoint={"everySteps": 2, "mirrorUri": mirror})
-    straight = train(make_spec("lora", maxSteps=4), tmp_path / "straight")
-    train(spec, tmp_path / "pod-1", stop_after=2)
+    straight = train_spec(make_spec("lora", maxSteps=4), tmp_path / "straight")
+    train_spec(spec, tmp_path / "pod-1", stop_after=2)
     # A rescheduled pod starts on an empty disk: only the mirror has the step-2 checkpoint.
-    resumed = train(spec, tmp_path / "pod-2")
+    resumed = train_spec(spec, tmp_path / "pod-2")
     assert read_metrics(tmp_path / "pod-2" / "logs", "train")[0]["step"] == 3
     assert _same_weights(straight.checkpoint_dir, resumed.checkpoint_dir)
 

@@ -11,7 +11,6 @@ copy of the replicated state plus every rank's RNG, so each resumes from its own
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -82,14 +81,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
-
-
 def save_rng(directory: Path, rank: int, state: dict[str, Any]) -> None:
     """Rank `rank`'s generator states (gathered from that rank by the writer)."""
     torch.save(state, directory / f"rng-rank{rank}.pt")
@@ -106,9 +97,7 @@ def load_rng(directory: Path, rank: int) -> None:
 def finalize(root: Path, tmp: Path, step: int, keep_last: int, mirror_uri: str | None) -> Path:
     """The writer, after every rank wrote into `tmp`: rename into place, prune, mirror. Returns the directory."""
     final = root / step_dir_name(step)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    storage.publish_dir(tmp, final)
     for _step, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     if mirror_uri:
@@ -155,9 +144,7 @@ def materialise(root: Path, step: int, mirror_uri: str | None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     storage.download_prefix(remote, staging)
     storage.verify_manifest(staging, display=remote)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    storage.publish_dir(staging, target)
     return target
 
 

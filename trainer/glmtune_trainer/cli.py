@@ -48,9 +48,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     The work directory and the spec's locations resolve exactly as in `glmtune run` (a relative output.uri
     lands in the work directory)."""
-    from glmtune.pipeline import run_locations
     from glmtune.spec import load_spec_file
     from glmtune_trainer.distributed import torchrun_command
+    from glmtune_trainer.seam import prepare, run_locations
 
     spec = load_spec_file(args.spec, args.overrides)
     relaunch = torchrun_command(_train_argv(args))
@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     from glmtune_trainer.run import train
 
     spec, workdir = run_locations(spec, args.workdir)
-    result = train(spec, workdir)
+    result = train(prepare(spec, workdir))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {result.checkpoint_dir}", file=sys.stderr)
         if result.export is not None:

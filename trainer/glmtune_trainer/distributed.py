@@ -15,7 +15,6 @@ trips a gloo/NCCL timeout), so no process ever waits on a file written only on a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -32,7 +31,6 @@ import torch.distributed as dist
 
 from glmtune.errors import GlmtuneError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
 PROBE_PREFIX = ".node-probe-"
 
 
@@ -267,30 +265,3 @@ def wait_for_file(path: Path, timeout_s: float, poll_s: float = 0.5, writer: str
         if time.monotonic() > deadline:
             raise GlmtuneError(f"timed out after {timeout_s:.0f}s waiting for {writer} to write {path}")
         time.sleep(poll_s)
-
-
-def deepspeed_config(
-    stage: int,
-    *,
-    micro_batch_size: int,
-    gradient_accumulation_steps: int,
-    world_size: int,
-    max_grad_norm: float,
-    precision: str,
-    offload_optimizer: bool = False,
-    offload_params: bool = False,
-) -> dict:
-    """The shipped ZeRO config for `stage`, completed with the run's batch sizes, clipping and precision."""
-    config = json.loads((CONFIG_DIR / f"zero{stage}.json").read_text())
-    config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    config["gradient_accumulation_steps"] = gradient_accumulation_steps
-    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * world_size
-    config["gradient_clipping"] = max_grad_norm
-    config["fp16"] = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
-    config["bf16"] = {"enabled": precision == "bf16"}
-    zero = config["zero_optimization"]
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return config

@@ -1,19 +1,22 @@
 """Execution engines: one object per way of running a step (single process / DDP, or DeepSpeed ZeRO).
 
-Both expose the same four operations the loop needs: `micro_step` (forward + backward of one
-micro-batch with its share of the step's loss), `finish_step` (clip, guard, optimizer update),
-`save` and `load`. The loop never branches on the engine, which keeps resume and the NaN guard identical.
+Both implement the `Engine` protocol: the operations the loop needs (`micro_step`: forward + backward of
+one micro-batch with its share of the step's loss; `finish_step`: clip, guard, optimizer update), and what
+checkpoints and resume need (`trained_fp32_state`, `save`, `load`). Neither the loop nor `run` branches on
+the engine's type, which keeps resume and the NaN guard identical. The DeepSpeed config builder lives
+beside the DeepSpeed engine, the only code that reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +27,36 @@ from glmtune_trainer.loss import chunked_cross_entropy
 from glmtune_trainer.methods import adalora_orth_loss, base_model
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed"
+
+
+class Engine(Protocol):
+    """One way of running training steps; what the loop, checkpoints and resume rely on."""
+
+    # The optimizer whose param groups the learning-rate schedule drives.
+    client_optimizer: torch.optim.Optimizer
+    # True when the saved optimizer state is split per rank (ZeRO): resume needs the same world size.
+    partitioned_state: bool
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def micro_step(self, batch: dict[str, torch.Tensor], token_scale: float, reg_scale: float,
+                   last: bool) -> tuple[float, float]: ...
+
+    def finish_step(self, loss_ok: bool, after_update: Callable[[], None] | None = None) -> tuple[bool, float]: ...
+
+    def zero_grad(self) -> None: ...
+
+    def trained_fp32_state(self) -> dict[str, torch.Tensor]: ...
+
+    def save(self, directory: Path, writer: bool) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+def _trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
 
 class CausalLMLoss(nn.Module):
@@ -57,10 +90,13 @@ def _finite_everywhere(value: torch.Tensor) -> bool:
 class PlainEngine:
     """Single process or torch DDP; mixed precision through autocast (+ a grad scaler for fp16)."""
 
+    partitioned_state = False
+
     def __init__(self, loss_module: CausalLMLoss, optimizer: torch.optim.Optimizer, precision: str,
                  max_grad_norm: float, device: torch.device, distributed: bool) -> None:
         self.loss_module = loss_module
         self.optimizer = optimizer
+        self.client_optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.device = device
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
@@ -121,6 +157,10 @@ class PlainEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def trained_fp32_state(self) -> dict[str, torch.Tensor]:
+        """Name → fp32 CPU tensor for every trained parameter."""
+        return {name: param.detach().float().cpu() for name, param in _trained(self.model)}
+
     def save(self, directory: Path, writer: bool) -> None:
         """Optimizer (and scaler) state; identical on every DDP rank, so each work dir's writer writes it."""
         if writer:
@@ -130,6 +170,13 @@ class PlainEngine:
             torch.save(state, directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
+        """The trained weights the checkpoint holds (run's `save` wrote them), then the optimizer state."""
+        from glmtune_trainer import checkpoint as ckpt
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt.load_weights(directory / ckpt.WEIGHTS_FILE).items():
+                params[name].copy_(value)
         state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
@@ -146,8 +193,37 @@ def deepspeed_startup_error(config: dict, exc: BaseException) -> GlmtuneError:
         "and training.precision; run with --debug for DeepSpeed's traceback")
 
 
+def deepspeed_config(
+    stage: int,
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    precision: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict:
+    """The shipped ZeRO config for `stage`, completed with the run's batch sizes, clipping and precision."""
+    config = json.loads((DEEPSPEED_CONFIG_DIR / f"zero{stage}.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * world_size
+    config["gradient_clipping"] = max_grad_norm
+    config["fp16"] = {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    config["bf16"] = {"enabled": precision == "bf16"}
+    zero = config["zero_optimization"]
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return config
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 0-3: it owns precision, gradient partitioning and the optimizer's master weights."""
+
+    partitioned_state = True
 
     def __init__(self, loss_module: CausalLMLoss, optimizer: torch.optim.Optimizer, config: dict) -> None:
         deepspeed = import_deepspeed()
@@ -202,9 +278,21 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
+    def trained_fp32_state(self) -> dict[str, torch.Tensor]:
+        """Name → fp32 CPU tensor for every trained parameter, gathered from DeepSpeed's master copy (inside
+        its optimizer; sharded under ZeRO-3): every rank must call it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in _trained(self.model):
+            full = safe_get_full_fp32_param(param)
+            state[name] = (full if full is not None else param).detach().float().cpu().clone()
+        return state
+
     def save(self, directory: Path, writer: bool) -> None:
         """Every rank writes its ZeRO partition (frozen base weights are rebuilt from the base model)."""
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
+        """Weights and optimizer state from this rank's ZeRO partition."""
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)

@@ -182,9 +182,7 @@ def export(checkpoint_dir: str | os.PathLike[str], out_uri: str, mode: str = "me
     try:
         kind = write_export(Path(source), staging, mode, bits)
         manifest = storage.write_manifest(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        storage.publish_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(uri=str(target), kind=kind, files=sorted(manifest["files"]))

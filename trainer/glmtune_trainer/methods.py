@@ -8,7 +8,6 @@ and `full` only flip `requires_grad`.
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from glmtune.errors import InvalidInputError
 from glmtune.export_loading import register_quantized_linear
+from glmtune.modeling.hf_compat import peft_reads_deprecated_checkpointing
 from glmtune.spec.rules import rule
 
 _LAYER_INDEX = re.compile(r"\blayers\.(\d+)\.")
@@ -88,10 +88,7 @@ def _adalora(model: nn.Module, ada: Any, total_steps: int) -> nn.Module:
 
 def _wrap(model: nn.Module, config: Any, get_peft_model: Any, where: str) -> nn.Module:
     try:
-        with warnings.catch_warnings():
-            # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning since 5.23).
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
-                                    category=FutureWarning)
+        with peft_reads_deprecated_checkpointing():
             return get_peft_model(model, config)
     except ValueError as exc:
         if "not found in the base model" in str(exc) or "Target modules" in str(exc):

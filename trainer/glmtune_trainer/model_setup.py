@@ -1,8 +1,4 @@
-"""The base model of a run: resolved (downloaded or created) once per work dir, loaded by every rank.
-
-Also the one place that reads trained weights back out of an engine in fp32 (DeepSpeed keeps the
-master copy inside its optimizer, and ZeRO-3 shards it), for checkpoints and export.
-"""
+"""The base model of a run: resolved (downloaded or created) once per work dir, loaded by every rank."""
 
 from __future__ import annotations
 
@@ -78,18 +74,3 @@ def load_training_model(base: dict[str, Any], overrides: dict[str, Any]) -> torc
 
 def _default_device() -> str:
     return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-
-
-def trainable_fp32_state(engine: Any) -> dict[str, torch.Tensor]:
-    """Name → fp32 CPU tensor for every trained parameter; under DeepSpeed every rank must call it."""
-    model = engine.model
-    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-    if not hasattr(engine, "engine"):
-        return {name: param.detach().float().cpu() for name, param in named}
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = {}
-    for name, param in named:
-        full = safe_get_full_fp32_param(param)
-        state[name] = (full if full is not None else param).detach().float().cpu().clone()
-    return state

@@ -1,4 +1,6 @@
-"""`train(spec, workdir)`: one training run from a `GLMFineTune` spec, single process or distributed.
+"""`train(prepare(spec, workdir))`: one training run from a `GLMFineTune` spec, single process or distributed.
+
+`seam.prepare` makes the base model, the records and the plan once per work dir; `train` here runs the steps.
 
 Engine choice: a small explicit loop (`loop.fit` / `loop.validate`) over torch DDP or
 `deepspeed.initialize`, not transformers' Trainer. Every step's data is a pure function of (seed, step),
@@ -17,7 +19,6 @@ over several nodes fails at start unless they share the work dir.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from glmtune import storage
 from glmtune.errors import GlmtuneError, InvalidInputError
 from glmtune.modeling.hf_compat import enable_activation_checkpointing
 from glmtune_trainer import checkpoint as ckpt
@@ -34,19 +36,16 @@ from glmtune_trainer.distributed import (
     Topology,
     WorkDirRoles,
     barrier,
-    deepspeed_config,
     device_for,
     gather_objects,
     per_directory,
     process_group,
     read_topology,
-    wait_for_file,
-    work_dir_roles,
 )
-from glmtune_trainer.engine import CausalLMLoss, DeepSpeedEngine, PlainEngine
+from glmtune_trainer.engine import CausalLMLoss, DeepSpeedEngine, Engine, PlainEngine, deepspeed_config
 from glmtune_trainer.export import ExportResult, export
 from glmtune_trainer.guard import NonFiniteGuard
-from glmtune_trainer.loop import BatchSource, LoopPlan, LoopState, fit, plan_steps
+from glmtune_trainer.loop import BatchSource, LoopPlan, LoopState, fit
 from glmtune_trainer.methods import (
     adalora_state,
     adalora_update,
@@ -55,10 +54,9 @@ from glmtune_trainer.methods import (
     load_overrides,
 )
 from glmtune_trainer.metrics import MetricsLogger
-from glmtune_trainer.model_setup import load_training_model, prepare_base_model, trainable_fp32_state
+from glmtune_trainer.model_setup import load_training_model
 from glmtune_trainer.optim import build_offload_optimizer, build_optimizer, build_scheduler, parameter_groups
-
-PREP_TIMEOUT_S = 6 * 3600.0
+from glmtune_trainer.seam import EventCallback, Prepared, prepare
 
 
 @dataclass(frozen=True)
@@ -70,48 +68,24 @@ class TrainResult:
     export: ExportResult | None
 
 
+class _ReportingMetrics(MetricsLogger):
+    """The run's metrics sinks plus the caller's `on_event`, which hears every record rank 0 logs."""
+
+    def __init__(self, *args: Any, on_event: EventCallback | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_event = on_event
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        super().log(kind, step, values)
+        if self.enabled and self.on_event is not None:
+            self.on_event(kind, step, dict(values))
+
+
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (data order and model init depend on them)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _prepare_once(topology: Topology, roles: WorkDirRoles, marker: Path, prepare: Any) -> Any:
-    """The work dir's writer runs `prepare()` and writes `marker` (JSON); the others wait on that file.
-
-    A marker left by an earlier launch is removed between two barriers first, so nobody reads it.
-    """
-    if not topology.distributed:
-        return prepare()
-    barrier()
-    if roles.writer:
-        marker.unlink(missing_ok=True)
-    barrier()
-    if roles.writer:
-        value = prepare()
-        ckpt.write_json(marker, {"value": value})
-        return value
-    wait_for_file(marker, PREP_TIMEOUT_S, writer=f"local rank 0 of node {roles.owner_node}")
-    return json.loads(marker.read_text(encoding="utf-8"))["value"]
-
-
-def _check_visible(path: str, roles: WorkDirRoles, topology: Topology) -> None:
-    """A path prepared by another node's writer must exist here too (shared work dir, unshared cache)."""
-    if not Path(path).exists():
-        raise GlmtuneError(f"node {topology.node_rank} shares its work dir with node {roles.owner_node} but cannot "
-                           f"see {path}, which that node prepared: mount GLMTUNE_CACHE and the work dir from the "
-                           "same shared storage at the same paths on every node")
-
-
-def _check_nodes(spec: Any, roles: WorkDirRoles) -> None:
-    """Fail before any work when the nodes' work dirs cannot hold this run's checkpoints."""
-    if spec.spec.training.deepspeed is not None and not roles.all_shared:
-        raise InvalidInputError(
-            "DeepSpeed ZeRO across nodes needs one work dir shared by every node: each rank writes its own "
-            "optimizer shard and on resume every rank reads all of them. Put --workdir / GLMTUNE_WORKDIR on a "
-            "ReadWriteMany volume (on Kubernetes: spec.resources.workdirClaim), or train without training.deepspeed "
-            "(plain DDP works with per-node work dirs)",
-            where="spec.training.deepspeed")
 
 
 def _resume_from(cp: Any, root: Path, topology: Topology, roles: WorkDirRoles) -> Path | None:
@@ -140,7 +114,7 @@ def _run_description(spec: Any, base: dict[str, Any], total_steps: int) -> dict[
     }
 
 
-def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device: torch.device) -> Any:
+def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device: torch.device) -> Engine:
     training = spec.spec.training
     ds = training.deepspeed
     groups = parameter_groups(model, training.weight_decay)
@@ -162,41 +136,40 @@ def _build_engine(spec: Any, model: torch.nn.Module, topology: Topology, device:
     return DeepSpeedEngine(CausalLMLoss(model, recompute=ds.stage != 3), optimizer, config)
 
 
-def train(spec: Any, workdir: Path, source: BatchSource | None = None, stop_after: int | None = None) -> TrainResult:
-    """Run the training `spec` describes, with checkpoints and logs under `workdir`; export on completion.
+def train_spec(spec: Any, workdir: Path, source: BatchSource | None = None, stop_after: int | None = None,
+               on_event: EventCallback | None = None) -> TrainResult:
+    """`prepare(spec, workdir)` then `train(...)` on it: a whole run in one call (tests, library users).
 
-    `source` replaces the records built from `spec.data` (tests); `stop_after` ends early after that many
-    steps of this call without exporting (used to simulate preemption).
+    `source` replaces the records built from `spec.data`; see `train` for `stop_after` and `on_event`.
+    """
+    return train(prepare(spec, workdir, source=source), stop_after=stop_after, on_event=on_event)
+
+
+def train(prepared: Prepared, stop_after: int | None = None, on_event: EventCallback | None = None) -> TrainResult:
+    """Train what `prepare` made ready, with checkpoints and logs under its work dir; export on completion.
+
+    `stop_after` ends early after that many steps of this call without exporting (simulates preemption).
+    `on_event(kind, step, values)` hears, on global rank 0, every record the run logs ("train", "eval",
+    "summary") and the finished export ("export": uri and kind).
     """
     topology = read_topology()
+    if prepared.topology != topology:
+        raise GlmtuneError(f"this run was prepared for {prepared.topology.world_size} process(es) as rank "
+                           f"{prepared.topology.rank}, but this process is rank {topology.rank} of "
+                           f"{topology.world_size}: prepare it in the process that trains it")
     # DeepSpeed needs a process group even alone: a lone process gets a world of one (see process_group).
-    with process_group(topology, single_process=spec.spec.training.deepspeed is not None):
-        return _train(spec, Path(workdir), topology, source, stop_after)
+    with process_group(topology, single_process=prepared.spec.spec.training.deepspeed is not None):
+        return _train(prepared, stop_after, on_event)
 
 
-def _train(spec: Any, workdir: Path, topology: Topology, source: BatchSource | None,
-           stop_after: int | None) -> TrainResult:
-    from glmtune_trainer.batches import build_batch_source
-
+def _train(prepared: Prepared, stop_after: int | None, on_event: EventCallback | None) -> TrainResult:
+    spec, workdir, topology, roles = prepared.spec, prepared.workdir, prepared.topology, prepared.roles
+    base, source, total = prepared.base, prepared.source, prepared.total_steps
     _quiet_bitsandbytes(spec)
     device = device_for(topology)
     training = spec.spec.training
-    workdir.mkdir(parents=True, exist_ok=True)
-    roles = work_dir_roles(topology, workdir)
-    _check_nodes(spec, roles)
+    # Seeded again here so the model's initialisation does not depend on what ran since `prepare`.
     seed_everything(training.seed)
-
-    def prepare_once(topo: Topology, marker: Path, prepare: Any) -> Any:
-        value = _prepare_once(topo, roles, marker, prepare)
-        if not roles.writer:
-            _check_visible(value["path"] if isinstance(value, dict) else value, roles, topo)
-        return value
-
-    base = prepare_once(topology, workdir / ".prepared-model.json", lambda: prepare_base_model(spec, workdir))
-    if source is None:
-        source = build_batch_source(spec, base, workdir, topology, prepare_once)
-    per_epoch, total = plan_steps(source.num_micro_batches(), training.gradient_accumulation_steps,
-                                  training.epochs, training.max_steps)
     model = load_training_model(base, load_overrides(spec.spec.method))
     model = apply_method(model, spec.spec.method, total)
     if training.gradient_checkpointing:
@@ -214,16 +187,16 @@ def _train(spec: Any, workdir: Path, topology: Topology, source: BatchSource | N
     resume_from = _resume_from(cp, root, topology, roles)
     if resume_from:
         state = _resume(Path(resume_from), engine, scheduler, guard, topology)
-    metrics = MetricsLogger(workdir / "logs", total, state.step, enabled=topology.is_main)
+    metrics = _ReportingMetrics(workdir / "logs", total, state.step, enabled=topology.is_main, on_event=on_event)
 
     def save(loop_state: LoopState) -> None:
         _save(root, loop_state, engine, scheduler, guard, topology, roles, run_info, cp)
 
     try:
         state = fit(engine, source, scheduler, guard,
-                    LoopPlan(total, per_epoch, training.gradient_accumulation_steps, topology.world_size,
-                             training.log_every_steps, training.evaluation.every_epoch, cp.every_steps,
-                             cp.every_minutes),
+                    LoopPlan(total, prepared.steps_per_epoch, training.gradient_accumulation_steps,
+                             topology.world_size, training.log_every_steps, training.evaluation.every_epoch,
+                             cp.every_steps, cp.every_minutes),
                     state, metrics, device, save,
                     after_update=(lambda step: adalora_update(engine.model, step))
                     if spec.spec.method.name == "adalora" else None,
@@ -237,6 +210,8 @@ def _train(spec: Any, workdir: Path, topology: Topology, source: BatchSource | N
     if state.step >= total and topology.is_main:
         out = spec.spec.output
         exported = export(final, out.uri, out.export, out.bits)
+        if on_event is not None:
+            on_event("export", state.step, {"uri": exported.uri, "kind": exported.kind})
     barrier()
     return TrainResult(checkpoint_dir=final, metrics=summary, export=exported)
 
@@ -266,18 +241,17 @@ def _generation_eval(spec: Any, engine: Any, source: Any, base: dict[str, Any], 
     return lambda: generation_scores(engine.model, tokenizer, base["template"], pairs, device)
 
 
-def _scheduler(training: Any, engine: Any, total: int) -> Any:
+def _scheduler(training: Any, engine: Engine, total: int) -> Any:
     warmup = training.warmup_steps if training.warmup_steps is not None else int(total * (training.warmup_ratio or 0))
-    optimizer = engine.optimizer if isinstance(engine, PlainEngine) else engine.client_optimizer
-    return build_scheduler(training.scheduler, optimizer, warmup, total)
+    return build_scheduler(training.scheduler, engine.client_optimizer, warmup, total)
 
 
-def _save(root: Path, state: LoopState, engine: Any, scheduler: Any, guard: NonFiniteGuard, topology: Topology,
+def _save(root: Path, state: LoopState, engine: Engine, scheduler: Any, guard: NonFiniteGuard, topology: Topology,
           roles: WorkDirRoles, run_info: dict[str, Any], cp: Any) -> None:
     """Write checkpoint `state.step` atomically (all ranks take part; each work dir's writer finalises it)."""
     tmp = ckpt.prepare_tmp_dir(root, state.step, roles.writer)
     barrier()
-    weights = trainable_fp32_state(engine)
+    weights = engine.trained_fp32_state()
     rngs = gather_objects(ckpt.rng_state())
     if roles.writer:
         ckpt.save_weights(tmp / ckpt.WEIGHTS_FILE, weights)
@@ -286,8 +260,8 @@ def _save(root: Path, state: LoopState, engine: Any, scheduler: Any, guard: NonF
         for rank, rng in enumerate(rngs):
             ckpt.save_rng(tmp, rank, rng)
         torch.save({"scheduler": scheduler.state_dict(), "adalora": adalora_state(engine.model)}, tmp / "scheduler.pt")
-        ckpt.write_json(tmp / ckpt.RUN_FILE, {**run_info, "step": state.step})
-        ckpt.write_json(tmp / ckpt.STATE_FILE, {**state.to_json(), "guard": guard.state_dict(),
+        storage.atomic_write_json(tmp / ckpt.RUN_FILE, {**run_info, "step": state.step})
+        storage.atomic_write_json(tmp / ckpt.STATE_FILE, {**state.to_json(), "guard": guard.state_dict(),
                                                 "world_size": topology.world_size})
     barrier()
     if roles.writer:
@@ -295,18 +269,12 @@ def _save(root: Path, state: LoopState, engine: Any, scheduler: Any, guard: NonF
     barrier()
 
 
-def _resume(directory: Path, engine: Any, scheduler: Any, guard: NonFiniteGuard, topology: Topology) -> LoopState:
+def _resume(directory: Path, engine: Engine, scheduler: Any, guard: NonFiniteGuard, topology: Topology) -> LoopState:
     """Load everything `_save` wrote; the RNG comes last so nothing after it consumes randomness."""
     saved = ckpt.read_state(directory)
-    if saved.get("world_size", 1) != topology.world_size and not isinstance(engine, PlainEngine):
+    if saved.get("world_size", 1) != topology.world_size and engine.partitioned_state:
         raise InvalidInputError(f"checkpoint was written by {saved['world_size']} processes; ZeRO state needs "
                                 f"the same number, not {topology.world_size}", where=str(directory))
-    if isinstance(engine, PlainEngine):
-        trained = ckpt.load_weights(directory / ckpt.WEIGHTS_FILE)
-        params = dict(engine.model.named_parameters())
-        with torch.no_grad():
-            for name, value in trained.items():
-                params[name].copy_(value)
     engine.load(directory)
     extra = torch.load(directory / "scheduler.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])

@@ -46,5 +46,4 @@ def store_in_cache(out: Path, cache: str, digest: str) -> None:
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(out, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        storage.publish_dir(tmp, target)

@@ -1,5 +1,7 @@
 """The `glmtune` console script: one entry point, subcommands contributed by each component.
 
+This registry lives in the app layer because it names every component; the core `glmtune` names none.
+
 Each command module exposes ``register(subparsers)`` that adds its parsers (torch-free, so `--help` is
 fast and the operator image works); the handler set with ``set_defaults(func=...)`` imports heavy
 libraries only when it runs. A component that is not installed simply contributes no commands.
@@ -22,7 +24,7 @@ COMMAND_MODULES = (
     "glmtune_trainer.cli",  # train, export
     "glmtune_inference.cli",  # chat, serve
     "glmtune.export_inspect",  # inspect
-    "glmtune.pipeline",  # run
+    "glmtune_app.pipeline",  # run
     "glmtune.crd",  # crd
     "glmtune_operator.cli",  # operator
 )

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmtune_trainer.seam import run_locations
+
 from glmtune import storage
 from glmtune.errors import GlmtuneError, InvalidInputError
 
@@ -94,71 +96,33 @@ def run_pipeline(spec: Any, workdir: str | os.PathLike[str], serve: bool = False
     storage.atomic_write_bytes(workdir / "spec.yaml", _spec_yaml(spec))
     _say(f"glmtune run {spec.name}: work directory {workdir}")
 
-    from glmtune_trainer.batches import build_batch_source
-    from glmtune_trainer.distributed import Topology
-    from glmtune_trainer.loop import plan_steps
-    from glmtune_trainer.model_setup import prepare_base_model
+    from glmtune_trainer.seam import prepare
 
-    base = _stage(1, "model", _describe_model(spec), lambda: prepare_base_model(spec, workdir),
-                  lambda base: f"{base['family']} model, template {base['template']}: {base['path']}")
-    records = workdir / "records"
-    before = _manifest_stamp(records)
-    source = _stage(2, "data", ", ".join(spec.spec.data.sources),
-                    lambda: build_batch_source(spec, base, workdir, Topology(0, nproc, 0),
-                                               lambda _topology, _marker, prepare: prepare()),
-                    lambda _source: _describe_records(records, reused=before == _manifest_stamp(records)))
-    training = spec.spec.training
-    per_epoch, total = plan_steps(source.num_micro_batches(), training.gradient_accumulation_steps,
-                                  training.epochs, training.max_steps)
-    _stage(3, "train", _describe_training(spec, per_epoch, total, nproc),
-           lambda: _train(spec, workdir, nproc), lambda _: _describe_outcome(workdir))
-    info = _stage(4, "export", spec.spec.output.uri, lambda: _check_export(spec.spec.output.uri),
-                  lambda info: f"{info.kind} model ({info.family}), complete: glmtune-manifest.json present")
-    last = _last_train_record(workdir)
+    stage = _Stage(1, "model", _describe_model(spec))
+    data_stage: list[_Stage] = []
+
+    def model_ready(kind: str, _step: int, base: dict[str, Any]) -> None:
+        if kind == "model":
+            stage.done(f"{base['family']} model, template {base['template']}: {base['path']}")
+            data_stage.append(_Stage(2, "data", ", ".join(spec.spec.data.sources)))
+
+    prepared = prepare(spec, workdir, world_size=nproc, on_event=model_ready)
+    data_stage[0].done(_describe_records(prepared))
+    stage = _Stage(3, "train", _describe_training(spec, prepared.steps_per_epoch, prepared.total_steps, nproc))
+    last = _train(prepared, nproc)
+    stage.done(f"step {last['step']}, loss {float(last['loss']):.4f}" if last else "no step was logged")
+    stage = _Stage(4, "export", spec.spec.output.uri)
+    info = _check_export(spec.spec.output.uri)
+    stage.done(f"{info.kind} model ({info.family}), complete: glmtune-manifest.json present")
     result = PipelineResult(workdir=workdir, export_uri=spec.spec.output.uri, export_kind=info.kind,
-                            model_name=spec.name, steps=int(last.get("step", total)),
+                            model_name=spec.spec.serving.model_name or spec.name, steps=int(last.get("step", prepared.total_steps)),
                             loss=float(last["loss"]) if "loss" in last else None,
                             seconds=time.monotonic() - started)
     question = _first_question(spec.spec.data.sources, spec.spec.data.format)
     print(summary(result, question, host, port, serve), flush=True)
     if serve:
-        _serve(result, host, port)
+        _serve(spec, result, host, port)
     return result
-
-
-def run_locations(spec: Any, workdir: str | os.PathLike[str] | None) -> tuple[Any, Path]:
-    """The run's absolute work directory (`workdir`, else ./glmtune-runs/<spec name>) and `spec` with its
-    locations resolved against it: how `glmtune run`, `glmtune train` and the PyTorchJob entry all place files."""
-    directory = (Path(workdir) if workdir else Path("glmtune-runs") / spec.name).expanduser().resolve()
-    return resolve_locations(spec, directory), directory
-
-
-def resolve_locations(spec: Any, workdir: Path) -> Any:
-    """A copy of `spec` with relative output locations under `workdir`; `pvc://` anywhere is an input error."""
-    create = spec.spec.model.create
-    fields = {"spec.model.uri": spec.spec.model.uri, "spec.output.uri": spec.spec.output.uri,
-              "spec.model.create.tokenizer": create.tokenizer if create is not None else None,
-              "spec.data.cache": spec.spec.data.cache, "spec.training.checkpoint.resume":
-              spec.spec.training.checkpoint.resume,
-              **{f"spec.data.sources[{i}]": source for i, source in enumerate(spec.spec.data.sources)}}
-    for where, value in fields.items():
-        if isinstance(value, str) and value.startswith("pvc://"):
-            raise InvalidInputError(
-                "pvc:// names a Kubernetes PersistentVolumeClaim, which only exists inside a cluster: apply "
-                "this spec with kubectl there, or use a local path or s3:// URI with `glmtune run`", where=where)
-    spec = spec.model_copy(deep=True)
-    spec.spec.output.uri = _under(workdir, spec.spec.output.uri)
-    if spec.spec.data.cache is not None:
-        spec.spec.data.cache = _under(workdir, spec.spec.data.cache)
-    return spec
-
-
-def _under(workdir: Path, location: str) -> str:
-    """`location` itself when it is an s3:// URI or absolute path; otherwise that path inside `workdir`."""
-    if storage.is_s3_uri(location):
-        return location
-    path = Path(location.removeprefix("file://")).expanduser()
-    return str(path if path.is_absolute() else workdir / path)
 
 
 def _spec_yaml(spec: Any) -> bytes:
@@ -182,13 +146,15 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _stage(number: int, name: str, what: str, action: Any, outcome: Any) -> Any:
-    """Announce stage `number`, run `action()`, then report `outcome(result)` and the time it took."""
-    _say(f"[{number}/{STAGES}] {name:<7}{what}")
-    started = time.monotonic()
-    result = action()
-    _say(f"{'':<13}{outcome(result)} ({_duration(time.monotonic() - started)})")
-    return result
+class _Stage:
+    """One announced stage: its header on stderr when made, its outcome and duration on `done`."""
+
+    def __init__(self, number: int, name: str, what: str) -> None:
+        _say(f"[{number}/{STAGES}] {name:<7}{what}")
+        self.started = time.monotonic()
+
+    def done(self, outcome: str) -> None:
+        _say(f"{'':<13}{outcome} ({_duration(time.monotonic() - self.started)})")
 
 
 def _duration(seconds: float) -> str:
@@ -204,20 +170,12 @@ def _describe_model(spec: Any) -> str:
     return f"load {model.uri}"
 
 
-def _manifest_stamp(records: Path) -> tuple[str, str] | None:
-    path = records / "manifest.json"
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    return manifest.get("hash", ""), manifest.get("created", "")
-
-
-def _describe_records(records: Path, reused: bool) -> str:
-    manifest = json.loads((records / "manifest.json").read_text(encoding="utf-8"))
-    stats, skipped = manifest["stats"], manifest["invalid"]["records"]
+def _describe_records(prepared: Any) -> str:
+    stats = prepared.records_stats()
     text = (f"{stats['samples']} samples -> {stats['sequences']} sequences, {stats['tokens']} tokens "
-            f"({stats['trained_tokens']} trained); records {'reused' if reused else 'built'}: {records}")
-    return text + (f"; {skipped} invalid records skipped" if skipped else "")
+            f"({stats['trained_tokens']} trained); records {'reused' if prepared.records_reused else 'built'}: "
+            f"{prepared.records}")
+    return text + (f"; {stats['invalid']} invalid records skipped" if stats["invalid"] else "")
 
 
 def _describe_training(spec: Any, per_epoch: int, total: int, nproc: int) -> str:
@@ -231,53 +189,44 @@ def _describe_training(spec: Any, per_epoch: int, total: int, nproc: int) -> str
             f"{training.precision} on {device}, {launch}")
 
 
-def _train(spec: Any, workdir: Path, nproc: int) -> None:
-    """Train (and export, as the trainer does at the end) in this process, or in `nproc` under torchrun."""
+def _train(prepared: Any, nproc: int) -> dict[str, Any]:
+    """Train (and export, as the trainer does at the end) in this process, or in `nproc` under torchrun;
+    returns the last logged training record ({} when none was logged)."""
     if nproc == 1:
         from glmtune_trainer.run import train
 
-        train(spec, workdir)
-        return
+        heard: list[dict[str, Any]] = []
+        train(prepared, on_event=lambda kind, step, values: heard.append({"step": step, **values})
+              if kind == "train" else None)
+        return heard[-1] if heard else {}
     import subprocess
 
-    from glmtune_trainer.distributed import torchrun_command
+    from glmtune_trainer.distributed import free_port, torchrun_command
+    from glmtune_trainer.metrics import read_metrics
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        master_port = sock.getsockname()[1]
+    workdir = prepared.workdir
     launch = {"PET_NPROC_PER_NODE": str(nproc), "PET_NNODES": "1", "PET_NODE_RANK": "0",
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    # Each process prepares again (the records and base model are found ready) and trains its rank.
     command = torchrun_command([str(workdir / "spec.yaml"), "--workdir", str(workdir)], launch)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     code = subprocess.call(command, env=env)
     if code != 0:
         raise GlmtuneError(f"training under torchrun failed with exit code {code} (see the messages above)")
-
-
-def _last_train_record(workdir: Path) -> dict[str, Any]:
-    from glmtune_trainer.metrics import read_metrics
-
     records = read_metrics(workdir / "logs", "train")
     return records[-1] if records else {}
 
 
-def _describe_outcome(workdir: Path) -> str:
-    last = _last_train_record(workdir)
-    return f"step {last['step']}, loss {float(last['loss']):.4f}" if last else "no step was logged"
-
-
 def _check_export(uri: str) -> Any:
-    """The export's description once its manifest (written last) shows it complete; S3: two small reads."""
+    """The export's description once `storage.check_complete` (the operator's check too) finds it complete."""
     from glmtune.export_format import EXPORT_FILE, read_export_info
 
+    check = storage.check_complete(uri)
+    if not check.complete:
+        raise GlmtuneError(f"{uri}: the export is not complete: {check.problem}")
     if not storage.is_s3_uri(uri):
-        return read_export_info(uri, require_complete=True)
-    bucket, prefix = storage.parse_s3_uri(uri)
-    folder = prefix.rstrip("/")
-    manifest_key, info_key = (f"{folder}/{name}" if folder else name for name in (storage.MANIFEST_NAME, EXPORT_FILE))
-    if not any(obj.key == manifest_key for obj in storage.list_objects(uri)):
-        raise GlmtuneError(f"{uri}: the export has no {storage.MANIFEST_NAME}: the upload did not finish")
-    return read_export_info(storage.fetch(f"s3://{bucket}/{info_key}").parent)
+        return read_export_info(uri)
+    return read_export_info(storage.fetch(f"{uri.rstrip('/')}/{EXPORT_FILE}").parent)
 
 
 def _first_question(sources: list[str], fmt: str) -> str:
@@ -340,12 +289,16 @@ def summary(result: PipelineResult, question: str, host: str, port: int, serving
     return "\n".join(lines)
 
 
-def _serve(result: PipelineResult, host: str, port: int) -> None:
-    """Serve the export exactly as `glmtune serve EXPORT --model-name NAME --host H --port P` does."""
+def _serve(spec: Any, result: PipelineResult, host: str, port: int) -> None:
+    """Serve the export as the operator's Deployment would (`spec.serving`: name, device, dtype, batch,
+    extra adapters), through the same `glmtune serve` command; the API key comes from GLMTUNE_API_KEY."""
     from glmtune_inference.cli import register as register_serving
 
+    serving = spec.spec.serving
     parser = argparse.ArgumentParser(prog="glmtune")
     register_serving(parser.add_subparsers(dest="command"))
+    adapters = [arg for a in serving.adapters for arg in ("--adapter", f"{a.name}={a.uri}")]
     args = parser.parse_args(["serve", result.export_uri, "--model-name", result.model_name,
-                              "--host", host, "--port", str(port)])
+                              "--host", host, "--port", str(port), "--device", serving.device,
+                              "--dtype", serving.dtype, "--max-batch", str(serving.max_batch_size), *adapters])
     args.func(args)
