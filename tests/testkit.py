@@ -26,3 +26,17 @@ def require_shared(*parts: str) -> Path:
 def reference_mismatches(reference: dict, key: str, produce) -> list:
     """(kind, produced, expected) for every reference case whose `key` differs from `produce(case)`."""
     return [(case["kind"], got, case[key]) for case in reference["cases"] if (got := produce(case)) != case[key]]
+
+
+def record_of(windows: list) -> object:
+    """A SequenceRecord holding `windows` (data-pipeline Windows) back to back, as the record builder lays
+    them out: rows of (offset, length, untrained, bidirectional, sample)."""
+    import numpy as np
+    from glmtune_trainer.data.records import SequenceRecord
+
+    rows, ids, offset = [], [], 0
+    for w in windows:
+        rows.append((offset, len(w), w.untrained, w.bidirectional, w.sample))
+        ids.extend(w.ids)
+        offset += len(w)
+    return SequenceRecord(np.asarray(ids, np.int32), np.asarray(rows, np.int64).reshape(-1, 5))

@@ -9,16 +9,7 @@ from glmtune_trainer.data.collate import Collator
 from glmtune_trainer.data.encode import SampleEncoder, Window
 from glmtune_trainer.data.formats import Sample
 from glmtune_trainer.data.packing import pack_lengths
-from glmtune_trainer.data.records import SequenceRecord
-
-
-def _record(windows: list[Window]) -> SequenceRecord:
-    rows, ids, offset = [], [], 0
-    for w in windows:
-        rows.append((offset, len(w), w.untrained, w.bidirectional, w.sample))
-        ids.extend(w.ids)
-        offset += len(w)
-    return SequenceRecord(np.asarray(ids, np.int32), np.asarray(rows, np.int64).reshape(-1, 5))
+from testkit import record_of
 
 
 def _window(n: int, untrained: int, bidirectional: int, first: int = 10) -> Window:
@@ -27,7 +18,7 @@ def _window(n: int, untrained: int, bidirectional: int, first: int = 10) -> Wind
 
 def test_v1_packed_rows_get_block_diagonal_prefix_lm_masks_and_restarting_positions() -> None:
     batch = Collator("v1", pad_token_id=3, segment_ids=True)(
-        [_record([_window(4, 3, 2), _window(3, 2, 1)]), _record([_window(2, 1, 1)])]
+        [record_of([_window(4, 3, 2), _window(3, 2, 1)]), record_of([_window(2, 1, 1)])]
     )
     assert batch["input_ids"].shape == (2, 7) and batch["input_ids"][1, 2:].eq(3).all()
     assert batch["labels"][0].tolist() == [-100, -100, -100, 13, -100, -100, 12]
@@ -46,7 +37,7 @@ def test_v1_packed_rows_get_block_diagonal_prefix_lm_masks_and_restarting_positi
 
 def test_v2_rows_are_causal_per_window_with_positions_from_zero() -> None:
     batch = Collator("v2", pad_token_id=0, pad_to_multiple_of=8)(
-        [_record([_window(3, 1, 0), _window(2, 1, 0)])]
+        [record_of([_window(3, 1, 0), _window(2, 1, 0)])]
     )
     assert batch["input_ids"].shape == (1, 8) and "segment_ids" not in batch
     visible = (~batch["attention_mask"][0, 0]).numpy()
@@ -83,11 +74,11 @@ def test_packed_training_gives_the_same_per_sample_loss_as_unpacked(tiny_tokeniz
         alone = []
         for w in windows:  # unpacked: one window per forward, masks/positions built by the model itself
             ids = torch.tensor([w.ids])
-            labels = torch.from_numpy(_record([w]).labels())[None]
+            labels = torch.from_numpy(record_of([w]).labels())[None]
             alone.append(_per_token_nll(model(input_ids=ids).logits, labels)[0])
         sequences = [[windows[i] for i in group] for group in pack_lengths([len(w) for w in windows], 96)]
         assert len(sequences) < len(windows)
-        batch = Collator(family, tok.pad_token_id, segment_ids=True)([_record(s) for s in sequences])
+        batch = Collator(family, tok.pad_token_id, segment_ids=True)([record_of(s) for s in sequences])
         logits = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -101,7 +92,7 @@ def test_packed_training_gives_the_same_per_sample_loss_as_unpacked(tiny_tokeniz
     for w, row, k in zip(flat, row_of, number, strict=True):
         mine = packed_nll[row][(seg[row] == k) & (batch["labels"][row, 1:] != -100)]
         reference = alone[windows.index(w)]
-        reference = reference[torch.tensor(_record([w]).labels()[1:]) != -100]
+        reference = reference[torch.tensor(record_of([w]).labels()[1:]) != -100]
         assert mine.shape == reference.shape and mine.numel() > 0
         assert torch.allclose(mine.mean(), reference.mean(), atol=1e-5, rtol=0)
         assert torch.allclose(mine, reference, atol=1e-4, rtol=0)

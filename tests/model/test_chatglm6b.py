@@ -10,8 +10,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from safetensors.torch import load_file
+from sharp_models import EOP, GMASK, MASK, PAD, SOP, sharp_v1_model
 from testkit import require_shared
-from torch import nn
 
 from glmtune.errors import InvalidInputError
 from glmtune.modeling.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
@@ -20,7 +20,6 @@ from glmtune.modeling.chatglm6b_masks import glm_attention_mask, glm_position_id
 from glmtune.modeling.hf_compat import enable_activation_checkpointing
 
 IMPLS = ["sdpa", "math"]
-PAD, MASK, GMASK, SOP, EOP = 3, 100, 101, 104, 105
 
 
 # ---------------------------------------------------------------- reference vectors
@@ -212,19 +211,7 @@ def test_rotary_tables_use_the_float16_rounded_inv_freq_of_the_original():
 
 def tiny_model(seed: int = 0, **overrides) -> ChatGLMForConditionalGeneration:
     """2 layers, hidden 32, with the reference recipe's weight scaling so greedy decoding does not repeat."""
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4, inner_hidden_size=64,
-                    max_sequence_length=64, bos_token_id=SOP, eos_token_id=EOP, mask_token_id=MASK,
-                    gmask_token_id=GMASK, pad_token_id=PAD)
-    model = ChatGLMForConditionalGeneration(ChatGLMConfig(**{**settings, **overrides}))
-    scale = {"query_key_value": 2.0, "dense": 8.0, "dense_h_to_4h": 8.0, "dense_4h_to_h": 8.0}
-    with torch.no_grad():
-        nn.init.normal_(model.transformer.word_embeddings.weight)
-        for name, module in model.transformer.layers.named_modules():
-            if isinstance(module, nn.Linear):
-                module.reset_parameters()
-                module.weight.mul_(scale[name.rsplit(".", 1)[-1]])
-    return model.eval()
+    return sharp_v1_model(seed, **overrides)
 
 
 PROMPTS = [[10, 11, 12, 13, GMASK, SOP], [20, 21, 22, 23, 24, 25, 26, GMASK, SOP]]

@@ -7,35 +7,27 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
+from sharp_models import GMASK as V1_GMASK
+from sharp_models import MASK as V1_MASK
+from sharp_models import PAD as V1_PAD
+from sharp_models import SOP as V1_SOP
+from sharp_models import sharp_v1_model
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from glmtune.errors import InvalidInputError
 from glmtune.modeling.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-from glmtune.modeling.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
+from glmtune.modeling.chatglm6b import ChatGLMForConditionalGeneration
 from glmtune.modeling.chatglm6b_masks import glm_position_ids
 from glmtune.modeling.hf_compat import CACHE_NAME, output_cache, take_cache
 
-V1_PAD, V1_MASK, V1_GMASK, V1_SOP, V1_EOP = 3, 100, 101, 104, 105
 V2_PAD, V2_EOS = 0, 2
 NEW_TOKENS = 6
 
 
 def v1_model() -> ChatGLMForConditionalGeneration:
     """2 layers, hidden 32, weights scaled up so greedy decoding does not repeat one token."""
-    torch.manual_seed(0)
-    model = ChatGLMForConditionalGeneration(ChatGLMConfig(
-        vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4, inner_hidden_size=64,
-        max_sequence_length=64, bos_token_id=V1_SOP, eos_token_id=V1_EOP, mask_token_id=V1_MASK,
-        gmask_token_id=V1_GMASK, pad_token_id=V1_PAD))
-    scale = {"query_key_value": 2.0, "dense": 8.0, "dense_h_to_4h": 8.0, "dense_4h_to_h": 8.0}
-    with torch.no_grad():
-        nn.init.normal_(model.transformer.word_embeddings.weight)
-        for name, module in model.transformer.layers.named_modules():
-            if isinstance(module, nn.Linear):
-                module.reset_parameters()
-                module.weight.mul_(scale[name.rsplit(".", 1)[-1]])
-    return model.eval()
+    return sharp_v1_model()
 
 
 def v2_model() -> ChatGLM2ForConditionalGeneration:

@@ -7,7 +7,6 @@ trained through the engine's loss gives the per-sample losses and gradients of t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,9 @@ from glmtune_trainer.data.collate import Collator
 from glmtune_trainer.data.encode import SampleEncoder
 from glmtune_trainer.data.formats import Sample
 from glmtune_trainer.data.packing import pack_lengths
-from glmtune_trainer.data.records import SequenceRecord
 from glmtune_trainer.engine import CausalLMLoss
 from glmtune_trainer.loss import chunked_cross_entropy
+from testkit import record_of
 
 
 def _hidden_and_labels(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +94,6 @@ def test_heads_the_fused_loss_cannot_see_through_are_called_as_modules() -> None
     torch.testing.assert_close(low, expected, rtol=2e-2, atol=0.0)  # computed in bf16 like the layer call
 
 
-def _record(windows: list) -> SequenceRecord:
-    rows, ids, offset = [], [], 0
-    for w in windows:
-        rows.append((offset, len(w), w.untrained, w.bidirectional, w.sample))
-        ids.extend(w.ids)
-        offset += len(w)
-    return SequenceRecord(np.asarray(ids, np.int32), np.asarray(rows, np.int64).reshape(-1, 5))
 
 
 def test_packed_v1_training_loss_and_gradients_equal_training_each_sample_alone(tiny_model) -> None:
@@ -126,7 +118,7 @@ def test_packed_v1_training_loss_and_gradients_equal_training_each_sample_alone(
 
     expected_total, expected_count = torch.zeros(()), 0
     for w in windows:
-        labels = torch.from_numpy(_record([w]).labels())[None]
+        labels = torch.from_numpy(record_of([w]).labels())[None]
         count = int((labels[:, 1:] != -100).sum())
         if count:
             loss = model(input_ids=torch.tensor([w.ids]), labels=labels).loss * count
@@ -137,7 +129,7 @@ def test_packed_v1_training_loss_and_gradients_equal_training_each_sample_alone(
 
     groups = pack_lengths([len(w) for w in windows], 80)
     assert len(groups) < len(windows)  # really packed
-    batch = Collator("v1", tokenizer.pad_token_id)([_record([windows[i] for i in g]) for g in groups])
+    batch = Collator("v1", tokenizer.pad_token_id)([record_of([windows[i] for i in g]) for g in groups])
     total, count, _ = CausalLMLoss(model)(**batch)
     assert type(total.grad_fn).__name__ == "LinearCrossEntropyBackward"
     total.backward()
