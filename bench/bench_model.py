@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from results import record
+from results import add_worker_arguments, record
 
 
 def build_model(args: argparse.Namespace, attn_impl: str):
@@ -109,9 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=512,
                         help="generation prompt length (the cache saves re-running it; at 64 the lm_head dominates)")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these measurements")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from functools import partial
 
-from results import record
+from results import add_worker_arguments, record
 
 SHAPES = ((4096, 4096), (16384, 4096), (4096, 16384))
 LAYER_MODES = ("fp32 dense", "bf16 dense", "int8 old", "int8 fused", "int4 old", "int4 fused",
@@ -214,9 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens timed for bf16 and fused modes")
     parser.add_argument("--old-new-tokens", type=int, default=3,
                         help="decoded tokens timed with dequantize + matmul (seconds per token)")
-    parser.add_argument("--only", choices=sorted(WORKERS), action="append", help="run only these measurements")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    add_worker_arguments(parser, WORKERS)
     return parser.parse_args(argv)
 
 

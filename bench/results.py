@@ -5,10 +5,12 @@ Appending (never rewriting the file) keeps concurrent benchmark runs from losing
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -38,3 +40,12 @@ def record(script: str, body: str, argv: list[str] | None = None) -> None:
         RESULTS.write_text(HEADER, encoding="utf-8")
     with RESULTS.open("a", encoding="utf-8") as handle:
         handle.write(section)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, workers: Iterable[str]) -> None:
+    """The options of a benchmark that runs each measurement in a child process of itself: which ones to
+    run, whether to record, and the hidden flag a child gets to run one measurement."""
+    names = sorted(workers)
+    parser.add_argument("--only", choices=names, action="append", help="run only these measurements")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--worker", choices=names, help=argparse.SUPPRESS)
