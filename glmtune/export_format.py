@@ -26,6 +26,9 @@ FORMAT_VERSION = 1
 KINDS = ("merged", "full", "adapter", "prefix")
 METHODS = ("lora", "adalora", "ptv2", "freeze", "full")
 FAMILIES = ("v1", "v2", "v3")
+# What quantized the base an adapter/prefix was trained over: glmtune's weight-only int8/int4 layers, or
+# bitsandbytes' (Linear8bitLt / 4-bit NF4, QLoRA). Files written before the field existed mean "glmtune".
+QUANTIZATION_BACKENDS = ("glmtune", "bitsandbytes")
 # Kinds that hold only a delta and need the base model they were trained from.
 KINDS_WITH_BASE = ("adapter", "prefix")
 # Where a base model shipped inside its adapter/prefix export lives, relative to the export.
@@ -48,6 +51,7 @@ class ExportInfo:
     pre_seq_len: int | None = None
     prefix_projection: bool = False
     quantization_bit: int = 0
+    quantization_backend: str = "glmtune"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     run: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
@@ -58,6 +62,14 @@ class ExportInfo:
         _check(self.template in FAMILIES, f"template must be one of {', '.join(FAMILIES)}", "template")
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}", "method")
         _check(self.quantization_bit in (0, 4, 8), "quantization_bit must be 0, 4 or 8", "quantization_bit")
+        _check(self.quantization_backend in QUANTIZATION_BACKENDS,
+               f"quantization_backend must be one of {', '.join(QUANTIZATION_BACKENDS)}, "
+               f"got {self.quantization_backend!r}", "quantization_backend")
+        if self.quantization_backend == "bitsandbytes":
+            # Only a LoRA/AdaLoRA adapter trains over bitsandbytes layers; other kinds store or re-quantize weights.
+            _check(self.kind == "adapter" and self.quantization_bit in (4, 8),
+                   "quantization_backend 'bitsandbytes' needs kind 'adapter' and quantization_bit 4 or 8",
+                   "quantization_backend")
         _check(self.format == FORMAT_VERSION, f"unsupported format {self.format!r} (this glmtune reads 1)", "format")
         if self.kind in KINDS_WITH_BASE:
             _check(bool(self.base_model), f"kind {self.kind!r} needs base_model", "base_model")
@@ -69,7 +81,7 @@ class ExportInfo:
         """The JSON object written to disk, keys in the contract's order."""
         data = asdict(self)
         order = ("format", "kind", "family", "template", "method", "base_model", "pre_seq_len",
-                 "prefix_projection", "quantization_bit", "created", "run")
+                 "prefix_projection", "quantization_bit", "quantization_backend", "created", "run")
         return {**{key: data[key] for key in order}, "original_code": original_code_recipe(self)}
 
 
@@ -103,7 +115,13 @@ def original_code_recipe(info: ExportInfo) -> dict[str, Any]:
         steps.append(load.format(folder="this folder", config=""))
     steps.append(tokenizer)
     notes = []
-    if bits and info.kind in KINDS_WITH_BASE:
+    if bits and info.quantization_backend == "bitsandbytes":
+        quant = ("BitsAndBytesConfig(load_in_8bit=True)" if bits == 8 else "BitsAndBytesConfig(load_in_4bit=True, "
+                 "bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=the training dtype)")
+        notes.append(f"trained over the base loaded by bitsandbytes ({'8-bit' if bits == 8 else '4-bit NF4'}, QLoRA): "
+                     f"from_pretrained(..., quantization_config={quant}) reproduces that base; in full precision "
+                     "the answers can differ slightly")
+    elif bits and info.kind in KINDS_WITH_BASE:
         notes.append(f"trained over the base quantized to int{bits}: model.quantize({bits}) reproduces that base (the "
                      f"original ptuning/main.py does it with --quantization_bit {bits}); in full precision the answers "
                      "can differ slightly")

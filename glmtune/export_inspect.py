@@ -72,7 +72,11 @@ def render(data: dict[str, Any], uri: str) -> str:
         lines.append(f"  prefix:       pre_seq_len {data['pre_seq_len']}, prefix_projection "
                      f"{str(data['prefix_projection']).lower()}")
     level = f"int{data['quantization_bit']}" if data["quantization_bit"] else "none"
-    if data["kind"] in KINDS_WITH_BASE:
+    if data["quantization_bit"] and data.get("quantization_backend") == "bitsandbytes":
+        layers = "8-bit Linear8bitLt" if data["quantization_bit"] == 8 else "4-bit NF4"
+        lines.append(f"  quantization: {level} (the base it was trained over, loaded by bitsandbytes {layers}, "
+                     "QLoRA; serve/chat --quantize overrides with glmtune's layers)")
+    elif data["kind"] in KINDS_WITH_BASE:
         lines.append(f"  quantization: {level} (the base it was trained over; serve/chat --quantize overrides)")
     else:
         lines.append(f"  quantization: {level} (weights as stored)")

@@ -3,7 +3,9 @@
 merged / full exports are plain checkpoints; an `adapter` export is its base plus a peft adapter (merged
 into the base on request); a `prefix` export is its base rebuilt with a p-tuning v2 prefix encoder whose
 base tensors are the base model's own. The base is quantized as the export records (`quantization_bit`,
-the precision it was trained over) unless the caller overrides it. A base bundled inside the export
+the precision it was trained over) unless the caller overrides it, with the layers it was trained over
+(`quantization_backend`: glmtune's int8/int4, or bitsandbytes' 8-bit / 4-bit NF4 for a QLoRA adapter; an
+override always uses glmtune's). A base bundled inside the export
 (`base_model` relative, e.g. "base") is resolved against the export's own folder, local or downloaded
 from `s3://`. `glmtune.load_model` and the serving loader both call this module.
 """
@@ -118,6 +120,12 @@ def base_quantization(recorded: int, requested: int | None) -> int | None:
     return requested
 
 
+def base_backend(recorded: str, requested: int | None) -> str:
+    """Which layers quantize a delta export's base: the recorded backend, unless the caller chose the precision
+    (`--quantize`), which always means glmtune's own int8/int4 (or full precision)."""
+    return recorded if requested is None else "glmtune"
+
+
 def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                 device: str | torch.device = "cpu", quantization_bit: int | None = None,
                 merge_adapter: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
@@ -130,7 +138,8 @@ def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | 
         return load_base(path, dtype, device, quantization_bit)
     base_uri = resolve_base(info, path)
     base_dir, _ = locate(base_uri, cache_dir)
-    base = load_base(base_dir, dtype, device, base_quantization(info.quantization_bit, quantization_bit))
+    base = load_base(base_dir, dtype, device, base_quantization(info.quantization_bit, quantization_bit),
+                     backend=base_backend(info.quantization_backend, quantization_bit))
     if info.kind == "adapter":
         return attach_adapter(base, path, merge=merge_adapter)
     return attach_prefix(base, path, info)
@@ -143,11 +152,75 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
-              bits: int | None) -> nn.Module:
-    """A plain checkpoint folder on `device`; `bits` 4/8 quantizes after loading, 0 insists on full precision."""
+              bits: int | None, backend: str = "glmtune") -> nn.Module:
+    """A plain checkpoint folder on `device`; `bits` 4/8 quantizes after loading (with glmtune's layers, or
+    bitsandbytes' when `backend` says so), 0 insists on full precision."""
     from glmtune.modeling.checkpoint import load_checkpoint
 
+    if backend == "bitsandbytes" and bits:
+        return load_bitsandbytes_base(path, dtype, device, bits)
     return load_checkpoint(path, dtype=dtype, device=device, quantization_bit=bits)
+
+
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' import-time notice about an optional CPU 4-bit kernel: the pure-torch fallback
+    gives the same numbers, so on the CPU the notice is noise in every load and serve log."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def load_bitsandbytes_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None,
+                           device: str | torch.device, bits: int,
+                           config_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """A float checkpoint loaded into bitsandbytes layers, for QLoRA training and for serving its adapters alike:
+    8-bit Linear8bitLt, or 4-bit NF4 computing in the load dtype (None: the checkpoint's own)."""
+    quiet_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    from glmtune.modeling.checkpoint import (
+        family_of_config,
+        local_model_dir,
+        model_classes,
+        read_config_dict,
+        resolve_dtype,
+    )
+
+    device = resolve_device(device)
+    directory = local_model_dir(path)
+    raw = read_config_dict(directory)
+    where = str(directory / "config.json")
+    if int(raw.get("quantization_bit") or 0):
+        raise InvalidInputError("the base checkpoint is stored glmtune-quantized; bitsandbytes needs float weights "
+                                "(serve with --quantize to use glmtune's layers)", where=where)
+    compute = resolve_dtype(resolve_load_dtype(dtype, device), raw.get("torch_dtype") or raw.get("dtype"))
+    quant = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
+    # Both families' files say model_type "chatglm", so the class comes from the detected family.
+    config_class, model_class = model_classes(family_of_config(raw, where=where))
+    from transformers.utils import logging as hf_logging
+
+    # The config built here, not read by transformers: the file's model_type "chatglm" would draw a warning; and
+    # no per-tensor progress bar in a server's log (restored after, as the caller had it).
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = model_class.from_pretrained(str(directory), config=config_class.from_dict({**raw, **(config_overrides or {})}),
+                                            quantization_config=quant, dtype=compute, device_map={"": str(device)})
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    keep_training_kernels(model)
+    return model.eval()
+
+
+def keep_training_kernels(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU no-grad fast path on 4-bit layers: on the first inference forward it repacks the
+    weights with bfloat16 block scales, which fails when in_features is not a multiple of the block size and
+    computes other numbers than the dequantize path the adapter was trained against (GPUs never take it)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -155,11 +228,14 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "quantization_bit", 0))
 
 
+def is_bitsandbytes_quantized(model: nn.Module) -> bool:
+    """True when the model was loaded through bitsandbytes (8-bit or 4-bit layers)."""
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
 def attach_adapter(base: nn.Module, adapter_dir: Path, name: str = "default", merge: bool = False) -> nn.Module:
     """Wrap `base` (modified in place) with the peft adapter in `adapter_dir`; `merge` folds it into the base."""
-    # peft imports bitsandbytes, whose import logs a notice about an optional CPU 4-bit kernel; exports are
-    # served over glmtune's own int8/int4 layers, never bitsandbytes', so the notice is noise here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_bitsandbytes()  # peft imports bitsandbytes
     from peft import PeftConfig, PeftModel
 
     from glmtune.modeling.hf_compat import peft_reads_deprecated_checkpointing
@@ -169,6 +245,9 @@ def attach_adapter(base: nn.Module, adapter_dir: Path, name: str = "default", me
     if merge and is_quantized(base):
         raise InvalidInputError("an adapter cannot be merged into an int8/int4 base: load it unmerged, or in full "
                                 "precision (quantization 0) to merge", where=str(adapter_dir))
+    if merge and is_bitsandbytes_quantized(base):
+        raise InvalidInputError("an adapter cannot be merged into a bitsandbytes 8-bit/4-bit base: load it unmerged, "
+                                "or in full precision (quantization 0) to merge", where=str(adapter_dir))
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if is_quantized(base):
         register_quantized_linear(config)

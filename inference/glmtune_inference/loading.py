@@ -98,8 +98,9 @@ def load_served_models(model_uri: str, adapters: Mapping[str, str] | None = None
         deltas.append(_Delta(adapter_name, adapter_path, adapter_info, str(uri)))
     base_path = locate(export_loading.resolve_base(info, path), options)[0] if main_is_delta else path
     bits = served_quantization(options.quantization_bit, deltas)
+    backend = served_backend(options.quantization_bit, deltas)
     dtype = export_loading.resolve_load_dtype(options.dtype, device)
-    base = _Base(export_loading.load_base(base_path, dtype, device, bits), base_path)
+    base = _Base(export_loading.load_base(base_path, dtype, device, bits, backend), base_path)
     served = {} if main_is_delta else {
         main_name: _served(main_name, base.model, base.path if info is None else path, info, str(model_uri))}
     for delta in deltas:
@@ -119,6 +120,18 @@ def served_quantization(requested: int | None, deltas: Sequence[_Delta]) -> int 
                                 "one base here: choose its precision with --quantize 4|8|none",
                                 where=f"{EXPORT_FILE}:quantization_bit")
     return export_loading.base_quantization(recorded.pop() if recorded else 0, None)
+
+
+def served_backend(requested: int | None, deltas: Sequence[_Delta]) -> str:
+    """The layers that quantize the shared base: those the exports were trained over (an int4 and a bitsandbytes
+    NF4 base are not one base), glmtune's when --quantize chose the precision."""
+    backends = {d.info.quantization_backend for d in deltas if d.info.quantization_bit}
+    if requested is None and len(backends) > 1:
+        listing = ", ".join(f"{d.name}: {d.info.quantization_backend}" for d in deltas if d.info.quantization_bit)
+        raise InvalidInputError(f"these exports were trained over bases quantized by different backends ({listing}) "
+                                "but share one base here: choose its precision with --quantize 4|8|none",
+                                where=f"{EXPORT_FILE}:quantization_backend")
+    return export_loading.base_backend(backends.pop() if backends else "glmtune", requested)
 
 
 def default_model_name(uri: str | os.PathLike, info: ExportInfo | None) -> str:

@@ -169,3 +169,23 @@ def test_export_info_round_trips_and_rejects_bad_files(tmp_path: Path) -> None:
         read_export_info(tmp_path)
     with pytest.raises(InvalidInputError, match="needs base_model"):
         ExportInfo(kind="adapter", family="v1", template="v1", method="lora")
+
+
+@pytest.mark.parametrize(("recorded", "expected"), [({"quantization_backend": "bitsandbytes"}, "bitsandbytes"),
+                                                    ({}, "glmtune")])
+def test_an_adapter_export_records_the_backend_its_base_was_quantized_with(lora_checkpoint: Path, tmp_path: Path,
+                                                                           recorded: dict, expected: str) -> None:
+    """run.json says which layers quantized the base; one written before the field existed means glmtune's."""
+    import shutil
+
+    from glmtune_trainer.checkpoint import RUN_FILE
+
+    assert read_run(lora_checkpoint)["quantization_backend"] is None  # a full-precision run
+    checkpoint = Path(shutil.copytree(lora_checkpoint, tmp_path / "ckpt"))
+    (checkpoint / storage.MANIFEST_NAME).unlink(missing_ok=True)
+    run = {k: v for k, v in read_run(checkpoint).items() if k != "quantization_backend"}
+    (checkpoint / RUN_FILE).write_text(json.dumps({**run, "quantization_bits": 4, **recorded}))
+    info = read_export_info(export(checkpoint, str(tmp_path / "adapter"), "adapter").uri)
+    assert (info.quantization_bit, info.quantization_backend) == (4, expected)
+    assert read_export_info(export(lora_checkpoint, str(tmp_path / "plain"), "adapter").uri).quantization_backend \
+        == "glmtune"

@@ -147,15 +147,18 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, r
             model.quantize(bits)
         save_pretrained(model, out)
     _copy_tokenizer(base, out)
-    quant_bits = bits or 0
+    quant_bits, backend = bits or 0, "glmtune"
     if kind in ("adapter", "prefix"):
         quant_bits = int(run.get("quantization_bits") or 0)
+        # run.json files from before the backend was recorded only ever meant glmtune's layers.
+        backend = (run.get("quantization_backend") or "glmtune") if quant_bits else "glmtune"
     info = ExportInfo(
         kind=kind, family=run["family"], template=run["template"], method=method,
         base_model=base_ref,
         pre_seq_len=run["method"].get("ptv2", {}).get("pre_seq_len") if kind == "prefix" else None,
         prefix_projection=bool(run["method"].get("ptv2", {}).get("prefix_projection")) if kind == "prefix" else False,
-        quantization_bit=quant_bits, run={"spec_name": run.get("spec_name"), "steps": run.get("step", 0)},
+        quantization_bit=quant_bits, quantization_backend=backend,
+        run={"spec_name": run.get("spec_name"), "steps": run.get("step", 0)},
     )
     write_export_info(out, info)
     return kind

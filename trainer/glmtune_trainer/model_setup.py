@@ -58,18 +58,10 @@ def load_training_model(base: dict[str, Any], overrides: dict[str, Any]) -> torc
     if not base.get("bnb_bits"):
         return load_model(base["path"], dtype=base["dtype"], quantization_bit=base["glmtune_bits"],
                           config_overrides=overrides)
-    from transformers import BitsAndBytesConfig
+    from glmtune.export_loading import load_bitsandbytes_base
 
-    from glmtune.modeling.checkpoint import model_classes
-
-    # Both families' files say model_type "chatglm", so the class comes from the detected family.
-    model_class = model_classes(base["family"])[1]
-    dtype = getattr(torch, base["dtype"])
-    quant = (BitsAndBytesConfig(load_in_8bit=True) if base["bnb_bits"] == 8 else
-             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
-    model = model_class.from_pretrained(base["path"], quantization_config=quant, dtype=dtype,
-                                        device_map={"": _default_device()}, **overrides)
-    return model.eval()
+    return load_bitsandbytes_base(base["path"], base["dtype"], _default_device(), base["bnb_bits"],
+                                  config_overrides=overrides)
 
 
 def _default_device() -> str:

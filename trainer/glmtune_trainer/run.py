@@ -111,6 +111,8 @@ def _run_description(spec: Any, base: dict[str, Any], total_steps: int) -> dict[
         "family": base["family"], "template": base["template"], "dtype": base["dtype"],
         "method": spec.spec.method.model_dump(mode="json"), "total_steps": total_steps,
         "quantization_bits": model.quantization.bits if model.quantization else 0,
+        # Which layers quantized the base: serving must rebuild the same ones (QLoRA NF4 is not glmtune int4).
+        "quantization_backend": model.quantization.backend if model.quantization else None,
     }
 
 
