@@ -1,7 +1,9 @@
 """Checkpoint I/O for both ChatGLM families, in THUDM's published layout (original key names and config keys).
 
 Loading builds the model with its parameters on the meta device and then assigns the stored tensors one at
-a time (converted to the requested dtype), so the weights are never held twice. Saving writes sharded
+a time (converted to the requested dtype), so the weights are never held twice; asked to quantize a float
+checkpoint, it builds the empty int layers first and quantizes each float weight as it is read (shard
+reading and page-cache hints live in `checkpoint_io`). Saving writes sharded
 safetensors plus `model.safetensors.index.json` and an original-style `config.json`, atomically.
 """
 
@@ -21,10 +23,10 @@ import torch
 from torch import nn
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.checkpoint_io import BIN_INDEX, SAFE_INDEX, iter_tensors, weight_files
+from glmtune.modeling.quantization import QuantizedLinear, quantize_weight
 from glmtune.storage import read_json_object
 
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 CONFIG_NAME = "config.json"
 OLD_V1_VOCAB = 150528
 # Buffers the original code stores but never reads back: accepted in checkpoints and skipped.
@@ -115,64 +117,6 @@ def check_v1_vocabulary(config: Mapping[str, Any], where: str) -> None:
         raise _old_vocab_error(where)
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The weight files to read, safetensors first: an index's shards, or the single file."""
-    for index_name in (SAFE_INDEX, BIN_INDEX):
-        index = directory / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InvalidInputError(f"unreadable shard index ({exc})", where=str(index)) from None
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise InvalidInputError(f"shard(s) named in the index are missing: {', '.join(absent)}",
-                                        where=str(index))
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / single).is_file():
-            return [directory / single]
-    raise InvalidInputError("no weights: expected model.safetensors, pytorch_model.bin or a shard index "
-                            f"({SAFE_INDEX} / {BIN_INDEX})", where=str(directory))
-
-
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(key, tensor, file) for every stored tensor, one at a time (safetensors are memory-mapped)."""
-    from safetensors import safe_open
-
-    for path in files:
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for key in handle.keys():
-                        yield key, handle.get_tensor(key), path
-            except InvalidInputError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
-                raise InvalidInputError(f"corrupt or unreadable weight file ({exc})", where=str(path)) from None
-        else:
-            state = _torch_load(path)
-            for key in list(state):
-                yield key, state.pop(key), path
-            del state
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:
-        raise InvalidInputError(f"corrupt or unreadable weight file ({exc})", where=str(path)) from None
-    if not isinstance(state, dict):
-        raise InvalidInputError("weight file does not hold a state dict", where=str(path))
-    return state
-
-
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (buffers stay real: they are small and may not be stored)."""
@@ -218,36 +162,45 @@ def _format_keys(keys: list[str], limit: int = 20) -> str:
 
 
 def load_state_into(model: nn.Module, files: list[Path], dtype: torch.dtype, device: torch.device,
-                    family: str, fresh_prefixes: tuple[str, ...] = ()) -> None:
+                    family: str, fresh_prefixes: tuple[str, ...] = (), copy_all: bool = False) -> None:
     """Stream the stored tensors into a model whose parameters are on meta; strict about keys and shapes.
 
     Parameters under `fresh_prefixes` (a p-tuning prefix added on top of a base checkpoint) may be absent
-    from the files: they are initialised from scratch instead.
+    from the files: they are initialised from scratch instead. A float weight that arrives for a
+    QuantizedLinear is quantized on arrival, so a float checkpoint never exists whole in float. `copy_all`
+    copies even the tensors that need no conversion, so each file's mapping (and its pages) goes once read.
     """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+    quantized = {f"{name}.weight": module for name, module in model.named_modules()
+                 if isinstance(module, QuantizedLinear)}
     tied = _tied_groups(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for key, tensor, path in iter_tensors(files):
+    copied: dict[Path, bool] = {}  # per file: every tensor became a copy, so its cached pages can go
+    copied_keys: set[str] = set()  # the tensors only a copy of which was kept: their mapped pages can go now
+    for key, tensor, path in iter_tensors(files, release=lambda done: copied.get(done, False),
+                                          copied=copied_keys.__contains__):
         if _IGNORED_KEY.search(key):
             continue
         if key not in expected:
             unexpected.append(key)
             continue
-        shape, want = expected[key]
-        if tuple(tensor.shape) != shape:
-            if family == "v1" and tensor.dim() == 2 and tensor.shape[0] == OLD_V1_VOCAB:
-                raise _old_vocab_error(str(path))
-            raise InvalidInputError(f"shape mismatch for {key}: the model expects {list(shape)}, the checkpoint "
-                                    f"has {list(tensor.shape)}", where=str(path))
-        if tensor.is_floating_point() and want.is_floating_point:
-            # Parameters are built in float32 and take the requested dtype; others (fp16 int-weight scales) keep theirs.
-            tensor = tensor.to(device=device, dtype=dtype if want == torch.float32 else want)
-        elif tensor.dtype == want:
-            tensor = tensor.to(device=device)
+        source = tensor
+        if key in quantized and tensor.is_floating_point():
+            _quantize_into(quantized[key], key, tensor, dtype, device, path)
+            loaded.update((key, key + "_scale"))
+            copied[path] = copied.get(path, True)
+            copied_keys.add(key)
+            continue
+        tensor = _converted(key, tensor, expected[key], dtype, device, family, path)
+        if copy_all and tensor.data_ptr() == source.data_ptr():
+            tensor = tensor.clone()  # a kept view would pin the whole memory-mapped file in this process
+        if tensor.data_ptr() != source.data_ptr():
+            copied_keys.add(key)
         else:
-            raise InvalidInputError(f"dtype mismatch for {key}: the model expects {want}, the checkpoint has "
-                                    f"{tensor.dtype}", where=str(path))
+            copied[path] = False
+        copied[path] = copied.get(path, True)
+        del source
         names = tied.get(key, [key])
         if key != names[0] and names[0] in loaded:
             continue  # a tied copy (v1 lm_head next to the embedding): the original keeps the embedding's values
@@ -261,6 +214,35 @@ def load_state_into(model: nn.Module, files: list[Path], dtype: torch.dtype, dev
     if missing:
         raise InvalidInputError(f"missing keys (the checkpoint does not hold them): {_format_keys(missing)}",
                                 where=str(files[0].parent))
+
+
+def _converted(key: str, tensor: torch.Tensor, want: tuple[tuple[int, ...], torch.dtype], dtype: torch.dtype,
+               device: torch.device, family: str, path: Path) -> torch.Tensor:
+    """The stored tensor checked against the model's shape and dtype and moved to `device` / `dtype`."""
+    shape, want_dtype = want
+    if tuple(tensor.shape) != shape:
+        if family == "v1" and tensor.dim() == 2 and tensor.shape[0] == OLD_V1_VOCAB:
+            raise _old_vocab_error(str(path))
+        raise InvalidInputError(f"shape mismatch for {key}: the model expects {list(shape)}, the checkpoint "
+                                f"has {list(tensor.shape)}", where=str(path))
+    if tensor.is_floating_point() and want_dtype.is_floating_point:
+        # Parameters are built in float32 and take the requested dtype; others (fp16 int-weight scales) keep theirs.
+        return tensor.to(device=device, dtype=dtype if want_dtype == torch.float32 else want_dtype)
+    if tensor.dtype == want_dtype:
+        return tensor.to(device=device)
+    raise InvalidInputError(f"dtype mismatch for {key}: the model expects {want_dtype}, the checkpoint has "
+                            f"{tensor.dtype}", where=str(path))
+
+
+def _quantize_into(layer: QuantizedLinear, key: str, weight: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device, path: Path) -> None:
+    """Quantize one float weight into `layer` as `model.quantize()` would after a float load (same dtype, device)."""
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise InvalidInputError(f"shape mismatch for {key}: the model expects {[layer.out_features, layer.in_features]}"
+                                f", the checkpoint has {list(weight.shape)}", where=str(path))
+    qweight, scale = quantize_weight(weight.to(device=device, dtype=dtype), layer.bits)
+    layer._parameters["weight"] = nn.Parameter(qweight, requires_grad=False)
+    layer._parameters["weight_scale"] = nn.Parameter(scale, requires_grad=False)
 
 
 def _init_fresh(model: nn.Module, prefixes: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> None:
@@ -292,7 +274,8 @@ def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | N
 
     A `prefix` export comes back as its base with the trained prefix encoder; an `adapter` export as its base
     with the peft adapter (a plain model with `merge_adapter`). `dtype` None keeps the checkpoint's.
-    `quantization_bit` 8/4 quantizes after loading; None keeps what is stored (and, for adapter/prefix
+    `quantization_bit` 8/4 quantizes while loading (each float weight as it is read, the same bits as
+    quantizing afterwards); None keeps what is stored (and, for adapter/prefix
     exports, the base precision they were trained over); 0 insists on full precision. `device` is auto
     (CUDA when usable, else CPU), cpu, cuda or cuda:N; dtype "auto" is fp32 on CPU, bf16 (else fp16) on a
     GPU. `config_overrides` changes config keys first, e.g. {"pre_seq_len": 16} adds a fresh p-tuning v2
@@ -341,14 +324,16 @@ def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtyp
     fresh = ("transformer.prefix_encoder",) if overrides.get("pre_seq_len") and not raw.get("pre_seq_len") else ()
     config_class, model_class = model_classes(family)
     torch_dtype = resolve_dtype(dtype, raw.get("torch_dtype") or raw.get("dtype"))
+    if quantization_bit and not stored_bits:
+        # quantize at load: empty int layers receive each float weight quantized as it arrives
+        overrides["quantization_bit"] = quantization_bit
     config = config_class.from_dict({**raw, **overrides})
     files = weight_files(directory)
     with parameters_on_meta():
-        model = model_class(config)  # a quantized config builds empty int layers for the stored int weights
-    load_state_into(model, files, torch_dtype, device, family, fresh)
+        model = model_class(config)  # a quantized config builds empty int layers for the (to be) int weights
+    load_state_into(model, files, torch_dtype, device, family, fresh,
+                    copy_all=bool(quantization_bit and not stored_bits))
     model.to(device)
-    if quantization_bit and not stored_bits:
-        model.quantize(quantization_bit)
     model.config.dtype = torch_dtype
     model.config._name_or_path = str(path_or_uri)
     return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,30 @@ def test_saving_a_peft_wrapper_is_refused_without_writing(tmp_path, tokenizers) 
     with pytest.raises(InvalidInputError, match="merge_and_unload"):
         save_pretrained(wrapped, tmp_path / "out")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux/Unix only")
+@pytest.mark.parametrize(("dtype", "bits", "dropped"), [(None, None, False), ("float16", None, True), (None, 8, True)])
+def test_weight_files_are_prefetched_and_converted_ones_dropped_from_the_cache(
+        tmp_path, tokenizers, monkeypatch, dtype, bits, dropped: bool) -> None:
+    """Every file gets WILLNEED before it is read; DONTNEED only after a file whose tensors were all copied
+    (converted), since pages still mapped into the model cannot and should not go. Quantizing at load copies
+    every tensor, even those kept as they are, so that no shard stays mapped next to the quantized model."""
+    out = saved(random_model("v2", tokenizers), tmp_path / "ckpt")
+    shards = {p.name for p in out.glob("model-*.safetensors")}
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    # a shard of only the rotary inv_freq buffers (skipped when loading) has nothing copied out of it
+    converted = {name for key, name in weight_map.items() if not key.endswith("inv_freq")}
+    calls: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    load_model(out, dtype=dtype, quantization_bit=bits)
+    assert {name for name, advice in calls if advice == os.POSIX_FADV_WILLNEED} == shards
+    assert {name for name, advice in calls if advice == os.POSIX_FADV_DONTNEED} == (converted if dropped else set())
+    willneed = [name for name, advice in calls if advice == os.POSIX_FADV_WILLNEED]
+    assert willneed == sorted(willneed)  # each file is prefetched as its turn comes, not all at once up front
