@@ -75,14 +75,19 @@ def test_quantize_at_load_equals_load_then_quantize(tmp_path, tokenizers, family
         assert torch.equal(reference(ids).logits, loaded(ids).logits)
 
 
-def _live_float_bytes(shapes: set[tuple[int, ...]]) -> int:
-    """Bytes of every live float tensor shaped like a quantized layer's float weight (distinct memory only)."""
+def _live_float_weights(shapes: set[tuple[int, ...]]) -> dict[int, int]:
+    """Bytes by memory address of every live float tensor shaped like a quantized layer's float weight."""
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and not obj.is_meta and obj.is_floating_point() \
                 and tuple(obj.shape) in shapes:
             seen[obj.data_ptr()] = obj.numel() * obj.element_size()
-    return sum(seen.values())
+    return seen
+
+
+def _live_float_bytes(shapes: set[tuple[int, ...]], before: set[int]) -> int:
+    """Bytes of such tensors that were not alive before the load (other tests' models may share the shapes)."""
+    return sum(size for address, size in _live_float_weights(shapes).items() if address not in before)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin"])
@@ -109,9 +114,10 @@ def test_quantize_at_load_never_holds_the_float_model(tmp_path, tokenizers, monk
     gc.collect()
     peaks: list[int] = []
     real = quantization_module.quantize_weight
+    before = set(_live_float_weights(shapes))
 
     def observed(weight: torch.Tensor, bits: int):
-        peaks.append(_live_float_bytes(shapes))
+        peaks.append(_live_float_bytes(shapes, before))
         return real(weight, bits)
 
     # both namespaces: the load path's and the one model.quantize() goes through, so either path is measured
