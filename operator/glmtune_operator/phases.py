@@ -169,12 +169,16 @@ def job_state(job_status: Mapping[str, Any] | None) -> tuple[str | None, str]:
 
 
 def observe_job(status: Mapping[str, Any], state: str | None, message: str, now: datetime,
-                limit: int) -> Transition | None:
-    """The phase the job's state implies, or None when nothing changes."""
+                limit: int, suspend: bool = False) -> Transition | None:
+    """The phase the job's state implies given the spec's `runPolicy.suspend`, or None when nothing changes."""
     phase, run, job = status.get("phase"), status.get("run") or 0, status.get("jobName")
     conditions = _conditions(status)
-    if phase == SUSPENDED and state not in ("Succeeded", "Failed"):
-        return None  # resuming is the spec's decision (runPolicy.suspend), not the job's
+    if suspend and phase == SUSPENDED and state not in ("Succeeded", "Failed"):
+        return None  # suspended by the spec: the job's own state does not resume it
+    if state == "Suspended" and not suspend:
+        # A resume the job has not caught up with yet: taking its stale Suspended would undo the resume and, with
+        # the check above, leave the resource Suspended for good once the job runs.
+        return None
     if state == "Succeeded":
         conditions = with_condition(conditions, "Trained", "True", "JobSucceeded", f"PyTorchJob {job} succeeded",
                                     now, None)

@@ -216,7 +216,7 @@ def advance(op: Operator, body: Mapping[str, Any], memory: Memory, jobs: Any, de
     transition = None
     if phase in phases.IN_FLIGHT | {phases.SUSPENDED}:
         state, message = _first(jobs, (meta["namespace"], status.get("jobName"))) or (None, "")
-        transition = phases.observe_job(status, state, message, now, limit)
+        transition = phases.observe_job(status, state, message, now, limit, suspend=ft.spec.run_policy.suspend)
     elif phase == phases.EXPORTING:
         transition = _check_export(op, body, ft, status, now)
     elif phase == phases.DEPLOYING:

@@ -67,6 +67,20 @@ def test_a_restarting_job_is_reported_and_a_failed_one_fails_the_run():
     assert status["history"][-1]["phase"] == "Failed" and "finished" in status["history"][-1]
 
 
+def test_a_resume_is_not_undone_by_the_jobs_stale_suspended_state():
+    """Resumed in the spec (phase back to Preparing) before the job has left Suspended: the stale job state must
+    not put the phase back to Suspended, or the resource stays Suspended once the job runs."""
+    suspended = apply(started(), phases.observe_job(started(), "Suspended", "", NOW, 10, suspend=True))
+    assert suspended["phase"] == "Suspended"
+    assert phases.observe_job(suspended, "Running", "", NOW, 10, suspend=True) is None  # the spec holds it
+    resumed = apply(suspended, phases.suspension(suspended, False, NOW))
+    assert resumed["phase"] == "Preparing"
+    assert phases.observe_job(resumed, "Suspended", "", NOW, 10, suspend=False) is None
+    assert apply(resumed, phases.observe_job(resumed, "Running", "", NOW, 10, suspend=False))["phase"] == "Training"
+    # even a phase left Suspended follows a running job once the spec no longer suspends it
+    assert apply(suspended, phases.observe_job(suspended, "Running", "", NOW, 10))["phase"] == "Training"
+
+
 def test_job_state_prefers_terminal_conditions():
     def job(*true: str) -> dict:
         return {"conditions": [{"type": t, "status": "True"} for t in true] + [{"type": "Running", "status": "False"}]}
