@@ -62,7 +62,7 @@ def start_operator(cluster: EmulatedCluster, workdir: Path) -> tuple[subprocess.
     liveness = free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GLMTUNE_METRICS_BIND": "off"}
     log = workdir / "operator.log"
-    process = subprocess.Popen([sys.executable, "-m", "glmtune.cli", "operator", "--standalone",
+    process = subprocess.Popen([sys.executable, "-m", "glmtune_app.cli", "operator", "--standalone",
                                 f"--namespace={NAMESPACE}", f"--liveness=http://127.0.0.1:{liveness}/healthz"],
                                env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 60

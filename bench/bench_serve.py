@@ -109,7 +109,7 @@ def start_server(model_dir: Path, max_batch: int) -> tuple[subprocess.Popen, str
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "glmtune.cli", "serve", str(model_dir), "--model-name", "small",
+    command = [sys.executable, "-m", "glmtune_app.cli", "serve", str(model_dir), "--model-name", "small",
                "--port", str(port), "--max-batch", str(max_batch)]
     child = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
