@@ -303,6 +303,10 @@ class ClusterEmulator(KubernetesEmulator):
                     if self._matching(target, query, event["object"]):
                         await response.write(json.dumps(event).encode() + b"\n")
                 async with self._changed:
+                    # Events recorded while the writes above yielded were notified before this wait began: look
+                    # again under the lock, or such an event would wait for the next change (or the timeout).
+                    if log and log[-1][0] > since:
+                        continue
                     left = None if deadline is None else max(0.0, deadline - loop.time())
                     try:
                         await asyncio.wait_for(self._changed.wait(), timeout=left if left is not None else 30)
