@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 
-from results import add_worker_arguments, record
+from results import add_worker_arguments, record, run_workers
 
 
 def build_model(args: argparse.Namespace, attn_impl: str):
@@ -119,15 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(WORKERS[args.worker](args)))
         return 0
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-record"]
-    results = {}
-    for name in args.only or list(WORKERS):
-        done = subprocess.run([sys.executable, __file__, *forwarded, "--worker", name],
-                              capture_output=True, text=True)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            return done.returncode
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", flush=True)
+    results = run_workers(__file__, args.only or list(WORKERS), forwarded)
     lines = ["| measurement | tokens/s | peak RSS MiB | detail |", "|---|---|---|---|"]
     for name, r in results.items():
         detail = f"{r['step_s']:.2f} s/step" if "step_s" in r else f"{r['seconds']:.2f} s"

@@ -19,12 +19,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from functools import partial
 
-from results import add_worker_arguments, record
+from results import add_worker_arguments, record, run_workers
 
 SHAPES = ((4096, 4096), (16384, 4096), (4096, 16384))
 LAYER_MODES = ("fp32 dense", "bf16 dense", "int8 old", "int8 fused", "int4 old", "int4 fused",
@@ -228,15 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-record"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    results = {}
-    for name in args.only or list(WORKERS):
-        done = subprocess.run([sys.executable, __file__, *forwarded, "--worker", name],
-                              capture_output=True, text=True, env=env)
-        if done.returncode:
-            sys.stderr.write(done.stderr)
-            return done.returncode
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", flush=True)
+    results = run_workers(__file__, args.only or list(WORKERS), forwarded, env)
     text = report(args, results)
     print("\n" + text)
     if not args.no_record:

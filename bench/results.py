@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = "# Benchmark results\n\nOne section per run: date, command, machine, numbers (bench/*.py append here).\n"
@@ -49,3 +52,19 @@ def add_worker_arguments(parser: argparse.ArgumentParser, workers: Iterable[str]
     parser.add_argument("--only", choices=names, action="append", help="run only these measurements")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--worker", choices=names, help=argparse.SUPPRESS)
+
+
+def run_workers(script: str, names: Iterable[str], forwarded: list[str],
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run each measurement `name` as `python script ... --worker name` in its own process (fresh memory and
+    threads) and collect the JSON each prints last; a failing child ends the benchmark with its stderr."""
+    results: dict[str, Any] = {}
+    for name in names:
+        done = subprocess.run([sys.executable, script, *forwarded, "--worker", name],
+                              capture_output=True, text=True, env=env)
+        if done.returncode:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(done.returncode)
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name}: {results[name]}", flush=True)
+    return results
