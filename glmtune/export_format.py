@@ -54,6 +54,9 @@ class ExportInfo:
     quantization_backend: str = "glmtune"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     run: dict[str, Any] = field(default_factory=dict)
+    # Held-out figures of the run that made the export ("eval_loss", "perplexity", "bleu4", "rouge_l",
+    # "train_loss"): the operator's promotion gate compares them with the model now serving.
+    metrics: dict[str, float] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -81,7 +84,7 @@ class ExportInfo:
         """The JSON object written to disk, keys in the contract's order."""
         data = asdict(self)
         order = ("format", "kind", "family", "template", "method", "base_model", "pre_seq_len",
-                 "prefix_projection", "quantization_bit", "quantization_backend", "created", "run")
+                 "prefix_projection", "quantization_bit", "quantization_backend", "created", "run", "metrics")
         return {**{key: data[key] for key in order}, "original_code": original_code_recipe(self)}
 
 
@@ -162,6 +165,10 @@ def parse_export_info(data: Any, where: str = EXPORT_FILE) -> ExportInfo:
             raise InvalidInputError(f"missing key {key!r}", where=where)
     if not isinstance(data.get("run", {}), dict):
         raise InvalidInputError("run must be an object", where=f"{where}:run")
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()):
+        raise InvalidInputError("metrics must be an object of names to numbers", where=f"{where}:metrics")
     return ExportInfo(**data)
 
 
