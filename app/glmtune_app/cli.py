@@ -4,7 +4,8 @@ This registry lives in the app layer because it names every component; the core 
 
 Each command module exposes ``register(subparsers)`` that adds its parsers (torch-free, so `--help` is
 fast and the operator image works); the handler set with ``set_defaults(func=...)`` imports heavy
-libraries only when it runs. A component that is not installed simply contributes no commands.
+libraries only when it runs. Every component ships in the one distribution (and in every image), so each
+module is always there: a failing import is a real error, never skipped.
 """
 
 from __future__ import annotations
@@ -31,16 +32,6 @@ COMMAND_MODULES = (
 DEBUG_HELP = "on an error, print the full traceback too (one line without it)"
 
 
-def _load_command_module(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        # Only "this component is absent" is silent; a missing dependency inside it is a real error.
-        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
-            return None
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every installed component's subcommands."""
     parser = argparse.ArgumentParser(
@@ -50,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        module = _load_command_module(name)
-        if module is not None:
-            module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     _accept_debug_after_commands(subparsers, set())
     return parser
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
-FAMILIES = ("v1", "v2", "v3")
-SIZES = ("tiny", "small")
+from glmtune.spec.model import Family, Size
+
+FAMILIES = get_args(Family)
+SIZES = get_args(Size)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

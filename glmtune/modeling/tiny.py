@@ -10,12 +10,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from glmtune.errors import InvalidInputError
+from glmtune.modeling.families import FAMILIES
+from glmtune.spec.model import Size
 
-FAMILIES = ("v1", "v2", "v3")
-SIZES = ("tiny", "small")
+SIZES = get_args(Size)
 # name: (layers, hidden, heads); v1 MLP width 4*hidden, v2 SwiGLU width ~ the real 13696/4096 ratio.
 _SHAPES = {"tiny": (2, 64, 4), "small": (4, 512, 8)}
 # Ids of the published tokenizers, used when no tokenizer is given.
@@ -99,8 +100,9 @@ def _tiny_tokenizer(family: str, scratch: Path) -> Any:
 
 def _given_tokenizer(family: str, location: str | os.PathLike[str]) -> Any:
     """The tokenizer at `location`, refused when it belongs to another family than the model's."""
+    from glmtune.modeling.families import family as detect_family
     from glmtune.storage import fetch, is_s3_uri
-    from glmtune.tokenization import detect_family, load_tokenizer
+    from glmtune.tokenization import load_tokenizer
 
     directory = fetch(location) if is_s3_uri(location) else Path(location).expanduser()
     if not directory.is_dir():

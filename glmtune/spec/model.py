@@ -11,6 +11,9 @@ from glmtune.spec.rules import crd_validations, enforce
 
 Family = Literal["v1", "v2", "v3"]
 Dtype = Literal["float32", "float16", "bfloat16"]
+# Serving picks by device when "auto": float32 on a CPU, bfloat16 on GPUs that support it, else float16.
+ServingDtype = Literal["auto", "float32", "bfloat16", "float16"]
+Size = Literal["tiny", "small"]
 
 
 class QuantizationSpec(SpecModel):
@@ -29,7 +32,7 @@ class QuantizationSpec(SpecModel):
 class CreateSpec(SpecModel):
     """Create a random model and tokenizer from scratch instead of loading one (demos and tests)."""
 
-    size: Literal["tiny", "small"] = Field(
+    size: Size = Field(
         "tiny", description="Size of the random model: `tiny` (a few layers, seconds on a CPU) or `small`."
     )
     seed: int = Field(0, ge=0, description="Random seed for the weights, so a created model is reproducible.")
@@ -65,8 +68,9 @@ class ModelSpec(SpecModel):
     dtype: Dtype | None = Field(
         None,
         description=(
-            "Data type of the loaded base weights. Default: follows `training.precision` "
-            "(fp32 → float32, fp16 → float16, bf16 → bfloat16)."
+            "Data type of the loaded base weights. Default: float32 for `full` and `freeze` (the trained base "
+            "weights are the master weights; autocast computes in `training.precision`), else follows "
+            "`training.precision` (fp32 → float32, fp16 → float16, bf16 → bfloat16)."
         ),
     )
     quantization: QuantizationSpec | None = Field(

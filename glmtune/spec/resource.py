@@ -70,10 +70,29 @@ class GLMFineTuneSpec(SpecModel):
             self.output.export = "adapter" if self.method.name == "ptv2" else "merged"
         return self
 
+    def locations(self) -> dict[str, str]:
+        """Every storage location a training run reads or writes, by field path (absent ones left out): what the
+        trainer resolves against its work dir and the operator mounts or checks."""
+        create, resume = self.model.create, self.training.checkpoint.resume
+        found = {
+            "spec.model.uri": self.model.uri,
+            "spec.model.create.tokenizer": create.tokenizer if create is not None else None,
+            **{f"spec.data.sources[{i}]": source for i, source in enumerate(self.data.sources)},
+            "spec.data.cache": self.data.cache,
+            "spec.output.uri": self.output.uri,
+            "spec.training.checkpoint.mirrorUri": self.training.checkpoint.mirror_uri,
+            "spec.training.checkpoint.resume": resume if resume not in ("auto", "never") else None,
+        }
+        return {where: value for where, value in found.items() if value}
+
     @property
     def model_dtype(self) -> str:
-        """dtype of the loaded base weights: `model.dtype`, else the one matching `training.precision`."""
-        return self.model.dtype or _PRECISION_DTYPE[self.training.precision]
+        """dtype of the loaded base weights, the one rule the trainer follows: `model.dtype`; else float32 for
+        methods that train the base weights (full, freeze: they are the master weights, autocast computes in
+        `training.precision`); else the dtype matching `training.precision`."""
+        if self.model.dtype is not None:
+            return self.model.dtype
+        return "float32" if self.method.name in ("full", "freeze") else _PRECISION_DTYPE[self.training.precision]
 
 
 class GLMFineTune(SpecModel):

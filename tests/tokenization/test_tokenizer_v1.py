@@ -10,7 +10,8 @@ import pytest
 from testkit import reference_mismatches, require_shared
 
 from glmtune.errors import InvalidInputError
-from glmtune.tokenization import detect_family, load_tokenizer
+from glmtune.modeling.families import family as detect_family
+from glmtune.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -88,29 +88,13 @@ class RecordBatchSource:
         return iter(self.held_out)
 
 
-def build_batch_source(spec: Any, base: dict[str, Any], workdir: Path, topology: Topology,
-                       prepare_once: Callable) -> RecordBatchSource:
-    """Build or wait for the records of `spec.data`, then serve this rank's part.
-
-    `prepare_once(topology, marker, build)` runs `build` in one process per work dir and hands its result
-    (the records folder) to the others through `marker`.
-    """
-    from glmtune_trainer.data.build import BuildConfig, build_records, read_manifest
+def build_batch_source(spec: Any, records: Path, topology: Topology) -> RecordBatchSource:
+    """This rank's batches of the built `records` folder, split into train / held-out by `spec.data`."""
+    from glmtune_trainer.data.build import read_manifest
     from glmtune_trainer.data.dataset import RecordDataset
 
     data = spec.spec.data
-    out = workdir / "records"
-
-    def build() -> str:
-        config = BuildConfig(
-            inputs=list(data.sources), tokenizer=base["path"], out=str(out), template=base["template"],
-            strategy=data.strategy, max_length=data.max_length, workers=data.workers, shuffle=data.shuffle,
-            seed=data.seed, format=data.format, skip_invalid=data.skip_invalid,
-            max_invalid_fraction=data.max_invalid_fraction, cache=data.cache, progress=False,
-        )
-        return str(build_records(config).out)
-
-    directory = Path(prepare_once(topology, workdir / ".prepared-records.json", build))
+    directory = Path(records)
     names = list(read_manifest(directory)["datasets"])
     sets = [RecordDataset(directory, name) for name in names]
     count = sum(len(s) for s in sets)

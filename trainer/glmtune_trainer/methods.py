@@ -119,11 +119,6 @@ def _freeze_layers(model: nn.Module, freeze: Any) -> None:
             param.requires_grad = "word_embeddings" not in name
 
 
-def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that train, in module order."""
-    return [name for name, param in model.named_parameters() if param.requires_grad]
-
-
 def adalora_orth_loss(model: nn.Module) -> torch.Tensor | None:
     """AdaLoRA's orthogonality regularizer (peft adds it only inside its own forward, which we bypass)."""
     config = getattr(model, "peft_config", {}).get("default")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,11 @@ import torch
 
 from glmtune.errors import InvalidInputError
 
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 
 def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
     """Make the base model available locally; returns what every rank needs to load it (JSON-able)."""
-    from glmtune.modeling.checkpoint import family_of_config, local_model_dir
+    from glmtune.modeling import families
+    from glmtune.modeling.checkpoint import local_model_dir
     from glmtune.templates import template_for_family
 
     model = spec.spec.model
@@ -28,13 +26,9 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
                              tokenizer=model.create.tokenizer)
     else:
         path = local_model_dir(model.uri)
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    family = family_of_config(config, where=str(Path(path) / "config.json"))
-    if family == "v2":
-        from glmtune.tokenization import detect_family
-
-        # ChatGLM3 shares ChatGLM2's architecture; its tokenizer (role tokens) tells them apart.
-        family = "v3" if model.family == "v3" or detect_family(path) == "v3" else "v2"
+    family = families.family(path)
+    if family == "v2" and model.family == "v3":
+        family = "v3"  # ChatGLM3 shares ChatGLM2's architecture: the spec may say which it is
     if model.family is not None and {model.family, family} not in ({"v2", "v3"}, {family}):
         raise InvalidInputError(f"the checkpoint is a {family} model, not {model.family}", where="spec.model.family")
     template = spec.spec.data.template
@@ -43,9 +37,7 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
         "path": str(path),
         "family": family,
         "template": template if template != "auto" else template_for_family(family),
-        # Methods that train base weights load them in fp32: they are the master weights (autocast computes).
-        "dtype": model.dtype or ("float32" if spec.spec.method.name in ("full", "freeze")
-                                 else PRECISION_DTYPES[spec.spec.training.precision]),
+        "dtype": spec.spec.model_dtype,
         "glmtune_bits": quant.bits if quant is not None and quant.backend == "glmtune" else None,
         "bnb_bits": quant.bits if quant is not None and quant.backend == "bitsandbytes" else None,
     }

@@ -63,14 +63,8 @@ def run_locations(spec: Any, workdir: str | os.PathLike[str] | None) -> tuple[An
 
 def resolve_locations(spec: Any, workdir: Path) -> Any:
     """A copy of `spec` with relative output locations under `workdir`; `pvc://` anywhere is an input error."""
-    create = spec.spec.model.create
-    fields = {"spec.model.uri": spec.spec.model.uri, "spec.output.uri": spec.spec.output.uri,
-              "spec.model.create.tokenizer": create.tokenizer if create is not None else None,
-              "spec.data.cache": spec.spec.data.cache, "spec.training.checkpoint.resume":
-              spec.spec.training.checkpoint.resume,
-              **{f"spec.data.sources[{i}]": source for i, source in enumerate(spec.spec.data.sources)}}
-    for where, value in fields.items():
-        if isinstance(value, str) and value.startswith("pvc://"):
+    for where, value in spec.spec.locations().items():
+        if value.startswith("pvc://"):
             raise InvalidInputError(
                 "pvc:// names a Kubernetes PersistentVolumeClaim, which only exists inside a cluster: apply "
                 "this spec with kubectl there, or use a local path or s3:// URI with `glmtune run`", where=where)
@@ -143,11 +137,16 @@ def prepare(spec: Any, workdir: str | os.PathLike[str], world_size: int | None =
         records = workdir / RECORDS_DIR
         before = _manifest_stamp(records)
 
-        def build_once(_topology: Any, marker: Path, build: Any) -> Any:
-            # Only the writer's view of "reused" is exact; it is what `glmtune run` reports.
-            return once(marker, build)
+        def build() -> str:
+            from glmtune_trainer.data.build import BuildConfig, build_records
 
-        source = build_batch_source(spec, base, workdir, topology, build_once)
+            config = BuildConfig.from_data_spec(spec.spec.data, tokenizer=base["path"], out=str(records),
+                                                template=base["template"])
+            return str(build_records(config).out)
+
+        # Only the writer's view of "reused" is exact; it is what `glmtune run` reports.
+        records = Path(once(workdir / ".prepared-records.json", build))
+        source = build_batch_source(spec, records, topology)
         reused = before is not None and before == _manifest_stamp(records)
     per_epoch, total = plan_steps(source.num_micro_batches(), training.gradient_accumulation_steps,
                                   training.epochs, training.max_steps)

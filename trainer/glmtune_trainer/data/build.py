@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,15 @@ class BuildConfig:
     chunk_samples: int = 1024
     shard_tokens: int = 1 << 25
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+
+    @classmethod
+    def from_data_spec(cls, data: Any, tokenizer: str, out: str, template: str | None = None,
+                       progress: bool = False) -> BuildConfig:
+        """The build a run's `spec.data` asks for; `template` is the resolved one (the spec may say "auto")."""
+        return cls(inputs=list(data.sources), tokenizer=tokenizer, out=out, template=template,
+                   strategy=data.strategy, max_length=data.max_length, workers=data.workers, shuffle=data.shuffle,
+                   seed=data.seed, format=data.format, skip_invalid=data.skip_invalid,
+                   max_invalid_fraction=data.max_invalid_fraction, cache=data.cache, progress=progress)
 
 
 @dataclass
@@ -291,8 +301,8 @@ def _check(config: BuildConfig) -> None:
 def build_records(config: BuildConfig) -> BuildResult:
     """Build records for `config` into `config.out`, or reuse a finished build with the same hash
     (already in `out`, or in the cache)."""
+    from glmtune.modeling.families import family as detect_family
     from glmtune.templates import TEMPLATES, template_for_family
-    from glmtune.tokenization import detect_family
 
     _check(config)
     out = Path(config.out)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import get_args
 
 from glmtune.errors import InvalidInputError
+from glmtune.spec.data import DataFormat, Strategy
+from glmtune.spec.model import Family
 
 
 def _spec_default(name: str):
@@ -30,16 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--tokenizer", required=True, help="tokenizer directory or s3:// URI")
     build.add_argument("--out", required=True, help="output directory for the records")
-    build.add_argument("--template", choices=("v1", "v2", "v3"), help="chat template (default: the family's)")
+    build.add_argument("--template", choices=get_args(Family), help="chat template (default: the family's)")
     build.add_argument(
         "--strategy",
-        choices=("truncation", "singlesliding", "doublesliding", "packing"),
+        choices=get_args(Strategy),
         default=_spec_default("strategy"),
     )
     build.add_argument("--max-length", type=int, default=_spec_default("max_length"))
     build.add_argument(
         "--format",
-        choices=("auto", "seed", "alpaca", "chat"),
+        choices=get_args(DataFormat),
         default="auto",
         help="record format (default: detected per file)",
     )

@@ -7,7 +7,6 @@ lookup never has to download the data) and the name errors should show (the user
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +85,3 @@ def expand_sources(specs: list[str]) -> list[SourceFile]:
                 seen.add(source.uri)
                 files.append(source)
     return files
-
-
-def fingerprint_dir(path: str | os.PathLike) -> str:
-    """sha256 over the names and contents of a folder's files (a tokenizer's identity)."""
-    root = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(storage.file_sha256(file).encode())
-    return digest.hexdigest()
