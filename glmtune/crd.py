@@ -114,7 +114,9 @@ def _model_schema(model: type) -> dict[str, Any]:
 def open_api_schema() -> dict[str, Any]:
     """The CRD's `openAPIV3Schema`: spec from `GLMFineTuneSpec`, status from `GLMFineTuneStatus`."""
     status = _model_schema(GLMFineTuneStatus)
-    status["x-kubernetes-preserve-unknown-fields"] = True  # kopf keeps its handler progress in status
+    # Not pruned, so status keys written by another operator version survive an operator upgrade or rollback.
+    # (kopf keeps its handler progress in annotations, see glmtune_operator.handlers.configure, not here.)
+    status["x-kubernetes-preserve-unknown-fields"] = True
     return {
         "type": "object",
         "description": "A fine-tuning job for a ChatGLM-family model, and the server that serves its result.",
@@ -137,6 +139,8 @@ def build_crd() -> dict[str, Any]:
         {"name": "Method", "type": "string", "jsonPath": ".spec.method.name"},
         {"name": "Run", "type": "integer", "jsonPath": ".status.run"},
         {"name": "Model URI", "type": "string", "jsonPath": ".status.modelUri"},
+        {"name": "Candidate", "type": "string", "jsonPath": ".status.candidateUri"},
+        {"name": "Canary", "type": "string", "jsonPath": ".status.canaryStage"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,10 +23,12 @@ from glmtune.storage import read_json_object
 
 EXPORT_FILE = "glmtune-export.json"
 MANIFEST_FILE = "glmtune-manifest.json"
+# The run's training report, written into the export before its manifest (served at /report, linked by the operator).
+REPORT_FILE = "report.html"
 FORMAT_VERSION = 1
 KINDS = ("merged", "full", "adapter", "prefix")
 METHODS = ("lora", "adalora", "ptv2", "freeze", "full")
-FAMILIES = ("v1", "v2", "v3")
+FAMILIES = ("v1", "v2", "v3", "glm4")
 # What quantized the base an adapter/prefix was trained over: glmtune's weight-only int8/int4 layers, or
 # bitsandbytes' (Linear8bitLt / 4-bit NF4, QLoRA). Files written before the field existed mean "glmtune".
 QUANTIZATION_BACKENDS = ("glmtune", "bitsandbytes")
@@ -33,10 +36,12 @@ QUANTIZATION_BACKENDS = ("glmtune", "bitsandbytes")
 KINDS_WITH_BASE = ("adapter", "prefix")
 # Where a base model shipped inside its adapter/prefix export lives, relative to the export.
 BUNDLED_BASE = "base"
-ORIGINAL_REPOS = {"v1": "THUDM/chatglm-6b", "v2": "THUDM/chatglm2-6b", "v3": "THUDM/chatglm3-6b"}
+ORIGINAL_REPOS = {"v1": "THUDM/chatglm-6b", "v2": "THUDM/chatglm2-6b", "v3": "THUDM/chatglm3-6b",
+                  "glm4": "THUDM/glm-4-9b-chat"}
 ORIGINAL_CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "quantization.py",
                        "tokenization_chatglm.py")
 _DERIVED_KEYS = ("original_code",)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class ExportInfo:
     # Held-out figures of the run that made the export ("eval_loss", "perplexity", "bleu4", "rouge_l",
     # "train_loss"): the operator's promotion gate compares them with the model now serving.
     metrics: dict[str, float] = field(default_factory=dict)
+    # What the export must be combined with (absent in files written before they were recorded): the fingerprint
+    # of the base it was trained over (glmtune.fingerprint), the tokenizer files' sha256, the special token ids
+    # generation stops and pads with, and the glmtune version that wrote it.
+    base_fingerprint: str | None = None
+    tokenizer_sha256: dict[str, str] = field(default_factory=dict)
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    glmtune_version: str | None = None
     format: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -79,12 +92,24 @@ class ExportInfo:
         if self.kind == "prefix":
             _check(isinstance(self.pre_seq_len, int) and self.pre_seq_len > 0,
                    "kind 'prefix' needs a positive pre_seq_len", "pre_seq_len")
+        _check(self.base_fingerprint is None or bool(_HEX64.match(str(self.base_fingerprint))),
+               "base_fingerprint must be 64 lowercase hex digits (a sha256)", "base_fingerprint")
+        _check(isinstance(self.tokenizer_sha256, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and _HEX64.match(v) for k, v in self.tokenizer_sha256.items()),
+            "tokenizer_sha256 must map file names to sha256 hex digests", "tokenizer_sha256")
+        for key in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0),
+                   f"{key} must be a non-negative integer", key)
+        _check(self.glmtune_version is None or isinstance(self.glmtune_version, str),
+               "glmtune_version must be a string", "glmtune_version")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to disk, keys in the contract's order."""
         data = asdict(self)
-        order = ("format", "kind", "family", "template", "method", "base_model", "pre_seq_len",
-                 "prefix_projection", "quantization_bit", "quantization_backend", "created", "run", "metrics")
+        order = ("format", "kind", "family", "template", "method", "base_model", "base_fingerprint", "pre_seq_len",
+                 "prefix_projection", "quantization_bit", "quantization_backend", "eos_token_id", "pad_token_id",
+                 "tokenizer_sha256", "glmtune_version", "created", "run", "metrics")
         return {**{key: data[key] for key in order}, "original_code": original_code_recipe(self)}
 
 
@@ -131,6 +156,10 @@ def original_code_recipe(info: ExportInfo) -> dict[str, Any]:
     elif bits:
         notes.append(f"the weights are stored int{bits} (config.json quantization_bit, the chatglm-6b-int4 layout); "
                      "the original quantization.py dequantizes with cpm_kernels, i.e. on a CUDA GPU only")
+    if info.family == "glm4" and info.kind not in KINDS_WITH_BASE:
+        notes.append("an export of a model that came in the -hf layout (config.json model_type 'glm') needs no remote "
+                     "code: AutoModelForCausalLM.from_pretrained(this folder) and AutoTokenizer.from_pretrained(this "
+                     "folder) load it with transformers' own GlmForCausalLM")
     if info.family == "v1":
         notes.append("the original ChatGLM-6B code builds Linear and Embedding weights in float16 and copies the "
                      "checkpoint into them, so float32 weights are rounded to float16 on load (even with .float() "

@@ -71,6 +71,10 @@ def render(data: dict[str, Any], uri: str) -> str:
     if data["kind"] == "prefix":
         lines.append(f"  prefix:       pre_seq_len {data['pre_seq_len']}, prefix_projection "
                      f"{str(data['prefix_projection']).lower()}")
+    if data.get("base_fingerprint"):
+        note = ("of the base it was trained over; any other base is refused" if data["kind"] in KINDS_WITH_BASE
+                else "of the base it was made from")
+        lines.append(f"  fingerprint:  {data['base_fingerprint']} ({note})")
     level = f"int{data['quantization_bit']}" if data["quantization_bit"] else "none"
     if data["quantization_bit"] and data.get("quantization_backend") == "bitsandbytes":
         layers = "8-bit Linear8bitLt" if data["quantization_bit"] == 8 else "4-bit NF4"
@@ -83,6 +87,7 @@ def render(data: dict[str, Any], uri: str) -> str:
     run = data.get("run") or {}
     lines.append(f"  created:      {data['created']}" + (f", run {run['spec_name']!r}" if run.get("spec_name") else "")
                  + (f", {run['steps']} steps" if run.get("steps") else ""))
+    lines += _provenance_lines(data)
     total = sum(size or 0 for size in data["files"].values())
     lines.append(f"  files:        {len(data['files'])} ({total / 1e6:.1f} MB)")
     recipe = data["original_code"]
@@ -90,6 +95,22 @@ def render(data: dict[str, Any], uri: str) -> str:
     lines += [f"  {i}. {step}" for i, step in enumerate(recipe["steps"], 1)]
     lines += [f"  note: {note}" for note in recipe["notes"]]
     return "\n".join(lines)
+
+
+def _provenance_lines(data: dict[str, Any]) -> list[str]:
+    """Tokenizer, glmtune version and the run's metrics; 'not recorded' for exports written before they were."""
+    ids = ", ".join(f"{name} {data[key]}" for name, key in (("eos", "eos_token_id"), ("pad", "pad_token_id"))
+                    if data.get(key) is not None)
+    lines = [f"  tokenizer:    {ids or 'token ids not recorded'}"]
+    lines += [f"    {name}  sha256 {digest}" for name, digest in sorted((data.get("tokenizer_sha256") or {}).items())]
+    lines.append(f"  glmtune:      {data.get('glmtune_version') or 'version not recorded'}")
+    metrics = data.get("metrics") or {}
+    order = ("eval_loss", "perplexity", "bleu4", "rouge_l", "train_loss")
+    names = [k for k in order if k in metrics] + sorted(k for k in metrics if k not in order)
+    lines.append("  metrics:      " + (", ".join(f"{k} {metrics[k]:.4g}" for k in names) if names else "none recorded")
+                 + ("" if "eval_loss" in metrics else " (no held-out eval_loss: the run had no data.evalSplit)"
+                    if names else ""))
+    return lines
 
 
 def run_inspect(args: argparse.Namespace) -> int:

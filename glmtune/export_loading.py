@@ -25,6 +25,7 @@ from torch import nn
 from glmtune import storage
 from glmtune.errors import InvalidInputError
 from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, ExportInfo, read_export_info
+from glmtune.fingerprint import base_fingerprint, check_base_match, manifest_digests
 
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_KEY = "transformer.prefix_encoder."
@@ -126,18 +127,37 @@ def base_backend(recorded: str, requested: int | None) -> str:
     return recorded if requested is None else "glmtune"
 
 
+def check_export_base(info: ExportInfo, export_where: str, base_dir: Path, base_where: str,
+                      allow_mismatch: bool = False, export_dir: Path | None = None) -> None:
+    """Refuse to put an adapter/prefix export over a base other than the one it was trained over (by fingerprint,
+    naming both); exports written before fingerprints were recorded are not checked. Call it after `locate`
+    verified `base_dir` (and `export_dir`, the export's local folder): the digests of their manifests are then
+    trusted instead of hashing the weights again (a bundled base is covered by the export's manifest)."""
+    if not info.base_fingerprint:
+        return
+    digests = manifest_digests(base_dir)
+    if not digests and export_dir is not None and base_dir.resolve().is_relative_to(export_dir.resolve()):
+        digests = manifest_digests(base_dir.resolve(), export_dir.resolve())
+    check_base_match(info.base_fingerprint, base_fingerprint(base_dir, known_sha256=digests),
+                     export_where=f"{export_where.rstrip('/')}/{EXPORT_FILE}", base_where=base_where,
+                     allow_mismatch=allow_mismatch)
+
+
 def load_export(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                 device: str | torch.device = "cpu", quantization_bit: int | None = None,
-                merge_adapter: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> nn.Module:
+                merge_adapter: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+                allow_base_mismatch: bool = False) -> nn.Module:
     """Any model folder or export, assembled: base + prefix for `prefix`, base + adapter for `adapter` (a peft
     model, or merged into a plain model with `merge_adapter`), the checkpoint itself otherwise; on `device`
-    (auto | cpu | cuda | cuda:N), with dtype "auto" meaning the device's natural one (see `auto_dtype`)."""
+    (auto | cpu | cuda | cuda:N), with dtype "auto" meaning the device's natural one (see `auto_dtype`). The base
+    must be the one the export was trained over (same fingerprint) unless `allow_base_mismatch`."""
     device = resolve_device(device)
     path, info = locate(path_or_uri, cache_dir)
     if info is None or info.kind not in KINDS_WITH_BASE:
         return load_base(path, dtype, device, quantization_bit)
     base_uri = resolve_base(info, path)
     base_dir, _ = locate(base_uri, cache_dir)
+    check_export_base(info, str(path_or_uri), base_dir, base_uri, allow_base_mismatch, export_dir=path)
     base = load_base(base_dir, dtype, device, base_quantization(info.quantization_bit, quantization_bit),
                      backend=base_backend(info.quantization_backend, quantization_bit))
     if info.kind == "adapter":
@@ -157,9 +177,47 @@ def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, dev
     bitsandbytes' when `backend` says so), 0 insists on full precision."""
     from glmtune.modeling.checkpoint import load_checkpoint
 
+    hf_glm4 = _hf_glm4_dir(path)
     if backend == "bitsandbytes" and bits:
+        if hf_glm4:
+            raise InvalidInputError("bitsandbytes layers load GLM-4 in the remote-code layout only: serve the "
+                                    "remote-code copy the training run made (<workdir>/base-model-remote) or "
+                                    "--quantize 4|8 with glmtune's layers", where=str(path))
         return load_bitsandbytes_base(path, dtype, device, bits)
+    if hf_glm4:
+        return _load_hf_glm4(path, dtype, device, bits)
     return load_checkpoint(path, dtype=dtype, device=device, quantization_bit=bits)
+
+
+def _hf_glm4_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is a local GLM-4 checkpoint in transformers' ``-hf`` layout (config.json model_type)."""
+    from glmtune.modeling.glm4 import HF_MODEL_TYPES
+    from glmtune.storage import read_json_object
+
+    config = Path(path) / "config.json"
+    return config.is_file() and read_json_object(config).get("model_type") in HF_MODEL_TYPES
+
+
+def _load_hf_glm4(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
+                  bits: int | None) -> nn.Module:
+    """An ``-hf`` GLM-4 checkpoint in glmtune's model (converted tensor for tensor: the same logits), so serving,
+    adapters, prefixes and int8/int4 work on it as on the remote-code layout; GLM-4-0414 is refused."""
+    from glmtune.modeling.glm4 import HF
+    from glmtune.modeling.glm4_checkpoint import checkpoint_layout, load_hf_as_remote
+
+    layout = checkpoint_layout(path)
+    if layout != HF:
+        raise InvalidInputError(f"GLM-4 layout {layout!r} (Glm4ForCausalLM, GLM-4-0414) has no remote-code twin; "
+                                "glmtune serves the glm-4-9b-chat layouts (remote code and -hf)",
+                                where=str(Path(path) / "config.json"))
+    if bits not in (None, 0, 4, 8):
+        raise InvalidInputError(f"quantization_bit must be 4 or 8 (0: full precision), not {bits!r}",
+                                where="quantization_bit")
+    device = resolve_device(device)
+    model = load_hf_as_remote(path, resolve_load_dtype(dtype, device))
+    if bits:
+        model.quantize(bits)
+    return model.to(device).eval()
 
 
 def quiet_bitsandbytes() -> None:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
 from glmtune.spec.base import DNS_SUBDOMAIN_PATTERN, Quantity, SpecFieldError, SpecModel, StorageUri
+from glmtune.spec.promotion import PromotionSpec
 from glmtune.spec.rules import crd_validations, enforce
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
@@ -192,6 +193,13 @@ class ServingSpec(SpecModel):
         [],
         max_length=16,
         description="More adapter or ptv2 prefix exports served by the same pods under their own model names.",
+    )
+    promotion: PromotionSpec | None = Field(
+        None,
+        description="Gate each new model before it replaces the serving one: eval-loss gate against the serving "
+        "model, then a canary Deployment that must answer the golden prompts and stay within its error and "
+        "latency limits for canary.durationSeconds; a model that fails is removed and the old one keeps "
+        "serving. Absent: a new model is rolled out as soon as its pods are ready.",
     )
 
     @model_validator(mode="after")

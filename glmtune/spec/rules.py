@@ -64,6 +64,10 @@ def _stage(spec: Any) -> int | None:
     return spec.training.deepspeed.stage if spec.training.deepspeed is not None else None
 
 
+def _expectations(expect: Any) -> int:
+    return sum(value is not None for value in (expect.exact, expect.contains, expect.regex))
+
+
 _ZERO3 = "has(self.training.deepspeed) && self.training.deepspeed.stage == 3"
 _ADALORA_SUM = "self.method.adalora.tinit + self.method.adalora.tfinal"
 _GENERATION = "self.training.evaluation.generationMetrics"
@@ -118,6 +122,19 @@ RULES: tuple[Rule, ...] = (
          "serving.device asks for CUDA but serving.resources.gpus is 0, so the pod gets no GPU: set "
          "resources.gpus, or device auto or cpu",
          lambda serving: not serving.device.startswith("cuda") or serving.resources.gpus > 0),
+    Rule("serving-promotion-needs-serving", "spec.serving", "promotion", "!has(self.promotion) || self.enabled",
+         "serving.promotion gates the rollout of a served model; with serving.enabled false nothing is rolled "
+         "out: remove serving.promotion or enable serving",
+         lambda serving: serving.promotion is None or serving.enabled),
+    Rule("golden-prompt-one-expectation", "spec.serving.promotion", "goldenPrompts",
+         "self.goldenPrompts.all(p, (has(p.expect.exact) ? 1 : 0) + (has(p.expect.contains) ? 1 : 0)"
+         " + (has(p.expect.regex) ? 1 : 0) == 1)",
+         "every golden prompt's expect needs exactly one of exact, contains or regex",
+         lambda promotion: all(_expectations(p.expect) == 1 for p in promotion.golden_prompts)),
+    Rule("golden-prompt-asks-last", "spec.serving.promotion", "goldenPrompts",
+         "self.goldenPrompts.all(p, p.messages[size(p.messages) - 1].role == 'user')",
+         "the last message of every golden prompt must be the user's (the model answers it)",
+         lambda promotion: all(p.messages[-1].role == "user" for p in promotion.golden_prompts)),
     Rule("serving-adapter-not-resource-name", "", "spec.serving.adapters",
          "has(self.spec.serving.modelName) || !has(self.metadata.name)"
          " || self.spec.serving.adapters.all(a, a.name != self.metadata.name)",
@@ -157,6 +174,13 @@ RULES: tuple[Rule, ...] = (
          "!has(self.model.quantization) || !(self.method.name in ['full', 'freeze'])",
          "full and freeze training update base weights, which cannot be quantized: drop model.quantization",
          lambda spec: spec.model.quantization is None or spec.method.name not in ("full", "freeze")),
+    Rule("eval-gate-needs-held-out-data", "spec", "serving.promotion.maxEvalLossIncrease",
+         "!has(self.serving.promotion) || !has(self.serving.promotion.maxEvalLossIncrease)"
+         " || self.data.evalSplit > 0.0",
+         "serving.promotion.maxEvalLossIncrease compares held-out eval losses, and with data.evalSplit 0 nothing is "
+         "held out (the export records no eval_loss): set data.evalSplit above 0, e.g. 0.05",
+         lambda spec: spec.serving.promotion is None or spec.serving.promotion.max_eval_loss_increase is None
+         or spec.data.eval_split > 0),
     Rule("adapter-export-needs-adapter", "spec", "output.export",
          "!has(self.output.export) || self.output.export != 'adapter' || !(self.method.name in ['full', 'freeze'])",
          "full and freeze training have no adapter to export: use export: merged",

@@ -14,6 +14,7 @@ Phase = Literal[
     "Preparing",
     "Training",
     "Exporting",
+    "Canary",
     "Deploying",
     "Serving",
     "Succeeded",
@@ -21,7 +22,8 @@ Phase = Literal[
     "Suspended",
 ]
 PHASES: tuple[str, ...] = Phase.__args__
-"""Every phase, in lifecycle order (Succeeded: trained and exported with serving disabled)."""
+"""Every phase, in lifecycle order (Canary: with `serving.promotion`, the new model is gated on canary pods
+before the rollout; Succeeded: trained and exported with serving disabled)."""
 
 
 class Condition(SpecModel):
@@ -48,7 +50,7 @@ class RunRecord(SpecModel):
 
 
 class GLMFineTuneStatus(SpecModel):
-    """Progress written by the operator; unknown keys are kept (kopf stores its own progress here)."""
+    """Progress written by the operator; unknown keys are kept (written by another operator version)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -77,3 +79,15 @@ class GLMFineTuneStatus(SpecModel):
     )
     rollout_started: datetime | None = Field(None, description="When the current rollout began (health gate).")
     data_listed_at: datetime | None = Field(None, description="When `dataVersions` was listed.")
+    report_uri: str | None = Field(
+        None, description="The training report (`report.html`) of the last verified export, when it has one."
+    )
+    canary_stage: Literal["Starting", "Observing"] | None = Field(
+        None,
+        description="Phase Canary: `Starting` until the canary pods are ready and answered the golden prompts, "
+        "then `Observing` (their metrics are watched for serving.promotion.canary.durationSeconds).",
+    )
+    canary_started: datetime | None = Field(None, description="When the canary Deployment was created.")
+    canary_observed_since: datetime | None = Field(
+        None, description="When the canary passed the golden prompts and its watch began."
+    )

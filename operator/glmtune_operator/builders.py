@@ -305,6 +305,21 @@ def build_deployment(ft: GLMFineTune, owner: Mapping[str, Any], model_uri: str, 
     }, owner)
 
 
+def build_canary_deployment(ft: GLMFineTune, owner: Mapping[str, Any], model_uri: str, run: int,
+                            settings: OperatorSettings) -> Manifest:
+    """The canary Deployment of `model_uri`: the server pods' template plus the canary track label, so the
+    Service sends them a share of the traffic by pod count and the operator can reach them alone."""
+    manifest = build_deployment(ft, owner, model_uri, run, settings)
+    canary = names.canary_selector(ft.name)
+    manifest["metadata"]["name"] = names.canary_name(ft.name)
+    manifest["metadata"]["labels"].update(canary)
+    spec = manifest["spec"]
+    spec["replicas"] = ft.spec.serving.promotion.canary.replicas
+    spec["selector"] = {"matchLabels": canary}
+    spec["template"]["metadata"]["labels"].update(canary)
+    return manifest
+
+
 def build_service(ft: GLMFineTune, owner: Mapping[str, Any]) -> Manifest:
     """The Service in front of the inference pods (OpenAI-compatible API on `serving.port`)."""
     serving = ft.spec.serving

@@ -1,7 +1,8 @@
 """The kopf handlers: thin wrappers that call one `reconcile` function each (`kopf run -m glmtune_operator.handlers`).
 
 Children are watched through in-memory indexes (PyTorchJobs, inference Deployments), so the progress timer
-reads no API objects; status is written with resourceVersion preconditions by `reconcile.write`.
+reads no API objects (except the canary pods while a `serving.promotion` canary runs); status is written with
+resourceVersion preconditions by `reconcile.write`.
 """
 
 from __future__ import annotations

@@ -126,6 +126,11 @@ class KubeApi:
             raise
         return True
 
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Manifest]:
+        """The pods of `namespace` whose labels match `selector` (for reaching canary pods directly)."""
+        text = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+        return list(self._plain(self.core.list_namespaced_pod(namespace, label_selector=text)).get("items") or [])
+
     def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's decoded data, None when it does not exist (the operator may only `get` Secrets)."""
         from kubernetes.client.exceptions import ApiException

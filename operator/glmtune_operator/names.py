@@ -20,6 +20,9 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_RUN = f"{GROUP}/run"
+LABEL_TRACK = f"{GROUP}/track"
+"""On canary pods only (value `canary`): the Service selects them with the stable ones, the operator alone."""
+TRACK_CANARY = "canary"
 MANAGED_BY = "glmtune-operator"
 
 _JOB_NAME_MAX = 63 - len("-worker-1023")
@@ -50,6 +53,16 @@ def config_map_name(resource_name: str, run: int) -> str:
 def server_name(resource_name: str) -> str:
     """The inference Deployment and its Service."""
     return _fit(resource_name, "-server", _NAME_MAX)
+
+
+def canary_name(resource_name: str) -> str:
+    """The canary Deployment of a new model under `serving.promotion` (behind the same Service)."""
+    return _fit(resource_name, "-canary", _NAME_MAX)
+
+
+def canary_selector(resource_name: str) -> dict[str, str]:
+    """Labels that select the canary pods only."""
+    return {**selector_labels(resource_name, "server"), LABEL_TRACK: TRACK_CANARY}
 
 
 def selector_labels(resource_name: str, component: str) -> dict[str, str]:

@@ -1,10 +1,12 @@
 """The status machine of a GLMFineTune, as pure functions: observed facts in, the new status out.
 
-Pending → Preparing → Training → Exporting → Deploying → Serving (or Succeeded without serving), Failed
-or Suspended on the way. Status keys are the API's camelCase; besides the fields of `GLMFineTuneStatus`
-the operator keeps `trainingFingerprint` (which spec a run trained), `exportUri` (where the current run
-exports), `candidateUri` / `candidateManifestSha256` / `rolloutStarted` (a rollout in progress) and
-`dataListedAt` (when `dataVersions` was listed).
+Pending → Preparing → Training → Exporting → [Canary →] Deploying → Serving (or Succeeded without serving),
+Failed or Suspended on the way; Canary only with `serving.promotion` (see `promotion`). Status keys are the
+API's camelCase fields of `GLMFineTuneStatus`; besides what users read (phase, conditions, modelUri, history)
+they hold the operator's own bookkeeping: `trainingFingerprint` (which spec a run trained), `exportUri` (where
+the current run exports), `candidateUri` / `candidateManifestSha256` / `rolloutStarted` (a rollout in
+progress), `canaryStage` / `canaryStarted` / `canaryObservedSince` (a canary in progress) and `dataListedAt`
+(when `dataVersions` was listed), so a restarted operator picks up where the last one stopped.
 Each function returns a `Transition`: the status fields to write, an Event and the run outcome (metrics).
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 
 from glmtune.spec import GLMFineTune
 
-PENDING, PREPARING, TRAINING, EXPORTING = "Pending", "Preparing", "Training", "Exporting"
+PENDING, PREPARING, TRAINING, EXPORTING, CANARY = "Pending", "Preparing", "Training", "Exporting", "Canary"
 DEPLOYING, SERVING, SUCCEEDED, FAILED, SUSPENDED = "Deploying", "Serving", "Succeeded", "Failed", "Suspended"
 IN_FLIGHT = frozenset({PENDING, PREPARING, TRAINING})
 """Phases in which the run's PyTorchJob should exist and is watched."""
@@ -27,6 +29,8 @@ FINISHED = frozenset({SERVING, SUCCEEDED, FAILED})
 """Phases after which a data drop may start the next run."""
 
 Status = dict[str, Any]
+CANARY_CLEARED: Status = {"canaryStage": None, "canaryStarted": None, "canaryObservedSince": None}
+"""Status fields that delete a canary's bookkeeping (merge-patch None)."""
 
 
 @dataclass(frozen=True)
@@ -115,14 +119,14 @@ def start_run(status: Mapping[str, Any], *, run: int, job: str, export_uri: str,
                                     now, generation)
     history = status.get("history") or []
     previous = status.get("run") or 0
-    if previous and status.get("phase") in IN_FLIGHT | {EXPORTING, DEPLOYING, SUSPENDED}:
+    if previous and status.get("phase") in IN_FLIGHT | {EXPORTING, CANARY, DEPLOYING, SUSPENDED}:
         history = _history(status, previous, limit, phase=FAILED, finished=timestamp(now))  # superseded
     phase = SUSPENDED if suspended else PREPARING
     new: Status = {
         "phase": phase, "run": run, "jobName": job, "exportUri": export_uri, "trainingFingerprint": fingerprint,
         "observedGeneration": generation, "conditions": conditions,
         "history": _history({"history": history}, run, limit, phase=phase, started=timestamp(now)),
-        "candidateUri": None, "candidateManifestSha256": None, "rolloutStarted": None,
+        "candidateUri": None, "candidateManifestSha256": None, "rolloutStarted": None, **CANARY_CLEARED,
     }
     if data_versions is not None:
         new.update(data_listing(status, data_versions, now))
@@ -211,15 +215,17 @@ def observe_job(status: Mapping[str, Any], state: str | None, message: str, now:
 
 
 def export_verified(status: Mapping[str, Any], uri: str, sha256: str | None, serving: bool, now: datetime,
-                    limit: int) -> Transition:
-    """The export is complete: roll it out (Deploying), or finish (Succeeded) when serving is off."""
+                    limit: int, report_uri: str | None = None) -> Transition:
+    """The export is complete: roll it out (Deploying), or finish (Succeeded) when serving is off.
+
+    `report_uri`: the export's training report, when it has one (recorded as `reportUri`, else cleared)."""
     run = status.get("run") or 0
     detail = f"manifest sha256 {sha256}" if sha256 else "not verifiable from the operator (pvc:// output)"
     conditions = with_condition(_conditions(status), "Exported", "True", "ManifestVerified", f"{uri}: {detail}",
                                 now, None)
     if not serving:
         return Transition({"phase": SUCCEEDED, "conditions": conditions, "modelUri": uri,
-                           "modelManifestSha256": sha256,
+                           "modelManifestSha256": sha256, "reportUri": report_uri,
                            "history": _history(status, run, limit, phase=SUCCEEDED, modelUri=uri,
                                                finished=timestamp(now))},
                           Event("Normal", "Succeeded", f"run {run} exported {uri}"), "succeeded")
@@ -227,9 +233,23 @@ def export_verified(status: Mapping[str, Any], uri: str, sha256: str | None, ser
         conditions = with_condition(conditions, "Ready", "False", "RollingOut", f"starting servers for {uri}",
                                     now, None)
     return Transition({"phase": DEPLOYING, "conditions": conditions, "candidateUri": uri,
-                       "candidateManifestSha256": sha256, "rolloutStarted": timestamp(now),
+                       "candidateManifestSha256": sha256, "rolloutStarted": timestamp(now), "reportUri": report_uri,
                        "history": _history(status, run, limit, phase=DEPLOYING, modelUri=uri)},
                       Event("Normal", "Deploying", f"run {run}: rolling the inference Deployment to {uri}"))
+
+
+def export_refused(status: Mapping[str, Any], uri: str, why: str, now: datetime, limit: int) -> Transition:
+    """A complete export that must not be served (e.g. an adapter over a base with another fingerprint): the
+    model serving before keeps serving, or the run fails when there is none."""
+    run, previous = status.get("run") or 0, status.get("modelUri")
+    text = f"run {run}'s export {uri} is not rolled out: {why}"
+    conditions = with_condition(_conditions(status), "Exported", "False", "BaseMismatch", text, now, None)
+    if previous:
+        conditions = with_condition(conditions, "RolledBack", "True", "BaseMismatch", f"{text}; {previous} kept "
+                                    "serving", now, None)
+    return Transition({"phase": SERVING if previous else FAILED, "conditions": conditions,
+                       "history": _history(status, run, limit, phase=FAILED, finished=timestamp(now))},
+                      Event("Warning", "BaseMismatch", text), "failed")
 
 
 def export_missing(status: Mapping[str, Any], uri: str, problem: str, expired: bool, now: datetime,

@@ -3,7 +3,8 @@
 `reconcile_spec` runs on create/resume/update: it validates the spec, starts a run when the training
 fields changed (new job name with the run number) and keeps serving in sync (serving-only changes just
 patch the Deployment). `advance` runs on a timer from in-memory indexes of the children: job state →
-phase, export manifest check in S3, health-gated rollout with rollback, and S3 data drops.
+phase, export manifest check in S3, the canary of `serving.promotion` (the one step that reads the API: it
+lists the canary pods to talk to them), health-gated rollout with rollback, and S3 data drops.
 Every status write carries the resourceVersion it was computed from; a stale one is retried, never merged.
 """
 
@@ -22,7 +23,7 @@ import kopf
 from glmtune import storage
 from glmtune.errors import GlmtuneError
 from glmtune.spec import GLMFineTune, SpecError, spec_from_mapping
-from glmtune_operator import builders, datawatch, metrics, names, phases, rollout, s3check
+from glmtune_operator import builders, canary, datawatch, metrics, names, phases, promotion, rollout, s3check
 from glmtune_operator.kube import KubeApi, Stale
 from glmtune_operator.settings import OperatorSettings
 
@@ -197,10 +198,19 @@ def sync_serving(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, status:
             where = {"name": names.server_name(ft.name), "namespace": body["metadata"]["namespace"]}
             op.api.delete({"kind": "Deployment", "metadata": where})
             op.api.delete({"kind": "Service", "metadata": where})
+            op.api.delete({"kind": "Deployment", "metadata": {**where, "name": names.canary_name(ft.name)}})
         return
     op.api.apply(builders.build_service(ft, owner))
     if uri:
         op.api.apply(builders.build_deployment(ft, owner, uri, _run_of(status, uri), op.settings))
+    where = {"name": names.canary_name(ft.name), "namespace": body["metadata"]["namespace"]}
+    candidate = status.get("candidateUri")
+    if status.get("phase") == phases.CANARY and candidate and ft.spec.serving.promotion is not None:
+        # `ensure`, not `apply`: a resumed operator adopts the running canary as it is and never restarts it.
+        op.api.ensure(builders.build_canary_deployment(ft, owner, candidate, _run_of(status, candidate),
+                                                       op.settings))
+    elif status.get("phase") != phases.DEPLOYING:
+        op.api.delete({"kind": "Deployment", "metadata": where})  # left by a canary a new run superseded
 
 
 def advance(op: Operator, body: Mapping[str, Any], memory: Memory, jobs: Any, deployments: Any) -> None:
@@ -219,6 +229,8 @@ def advance(op: Operator, body: Mapping[str, Any], memory: Memory, jobs: Any, de
         transition = phases.observe_job(status, state, message, now, limit, suspend=ft.spec.run_policy.suspend)
     elif phase == phases.EXPORTING:
         transition = _check_export(op, body, ft, status, now)
+    elif phase == phases.CANARY:
+        transition = _check_canary(op, body, ft, status, deployments, now)
     elif phase == phases.DEPLOYING:
         transition = _check_rollout(op, body, ft, status, deployments, now)
     elif phase in phases.FINISHED and ft.spec.data.watch:
@@ -236,17 +248,28 @@ def _check_export(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, status
                   now: datetime) -> phases.Transition | None:
     uri = status.get("exportUri") or builders.run_output_uri(ft.spec.output.uri, status.get("run") or 0)
     try:
-        check = s3check.verify_export(s3_client(op, ft, body["metadata"]["namespace"]), uri)
+        client = s3_client(op, ft, body["metadata"]["namespace"])
+        check = s3check.verify_export(client, uri)
     except (s3check.S3Unavailable, SecretMissing) as exc:
         raise kopf.TemporaryError(str(exc), delay=10) from exc
     limit = op.settings.history_limit
     if check.complete:
         serving = ft.spec.serving.enabled
+        try:
+            facts = s3check.export_facts(client, uri)
+            mismatch = s3check.base_mismatch(client, uri, facts.info) if serving else None
+        except s3check.S3Unavailable as exc:
+            raise kopf.TemporaryError(str(exc), delay=10) from exc
+        if mismatch:
+            return phases.export_refused(status, uri, mismatch, now, limit)
+        verified = phases.export_verified(status, uri, check.manifest_sha256, serving, now, limit, facts.report_uri)
+        if serving and ft.spec.serving.promotion is not None:
+            return _start_canary(op, body, ft, status, client, facts, verified, now)
         if serving:
             owner = owner_of(body)
             op.api.apply(builders.build_service(ft, owner))
             op.api.apply(builders.build_deployment(ft, owner, uri, status.get("run") or 0, op.settings))
-        return phases.export_verified(status, uri, check.manifest_sha256, serving, now, limit)
+        return verified
     trained = phases.parse_time((phases.get_condition(status, "Trained") or {}).get("lastTransitionTime"))
     expired = trained is not None and (now - trained).total_seconds() > op.settings.export_grace_seconds
     return phases.export_missing(status, uri, check.problem, expired, now, limit)
@@ -259,6 +282,10 @@ def _check_rollout(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, statu
     started = phases.parse_time(status.get("rolloutStarted")) or now
     verdict, why = rollout.verdict(view, builders.localize(candidate), started,
                                    ft.spec.serving.ready_deadline_seconds, now)
+    if verdict != rollout.WAITING and _first(deployments, (body["metadata"]["namespace"], names.canary_name(ft.name))):
+        # The canary served the candidate until the stable pods took over (or gave up): it goes either way.
+        op.api.delete({"kind": "Deployment", "metadata": {"name": names.canary_name(ft.name),
+                                                          "namespace": body["metadata"]["namespace"]}})
     if verdict == rollout.DONE:
         return phases.rollout_done(status, now, op.settings.history_limit)
     if verdict == rollout.FAILED:
@@ -268,6 +295,45 @@ def _check_rollout(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, statu
                                                    op.settings))
         return phases.rollout_failed(status, why, now, op.settings.history_limit)
     return None
+
+
+def _start_canary(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, status: Mapping[str, Any],
+                  client: Any, facts: s3check.ExportFacts, verified: phases.Transition,
+                  now: datetime) -> phases.Transition:
+    """Metrics gate against the serving model's export, then the canary Deployment of the new export."""
+    uri, limit, spec = verified.status["candidateUri"], op.settings.history_limit, ft.spec.serving.promotion
+    serving_uri = status.get("modelUri")
+    serving = None
+    if serving_uri and spec.max_eval_loss_increase is not None:
+        try:
+            serving = s3check.export_facts(client, serving_uri).metrics
+        except s3check.S3Unavailable as exc:
+            raise kopf.TemporaryError(str(exc), delay=10) from exc
+    problem = promotion.eval_gate(facts.metrics, serving, spec.max_eval_loss_increase, serving_uri)
+    if problem is not None:
+        merged = {**status, **verified.status}
+        failed = promotion.promotion_failed(merged, promotion.PROMOTION_FAILED, problem, now, limit, uri)
+        return phases.Transition({**verified.status, **failed.status}, failed.event, failed.outcome)
+    owner = owner_of(body)
+    op.api.apply(builders.build_service(ft, owner))
+    op.api.ensure(builders.build_canary_deployment(ft, owner, uri, status.get("run") or 0, op.settings))
+    return promotion.canary_started(verified, status, now, limit)
+
+
+def _check_canary(op: Operator, body: Mapping[str, Any], ft: GLMFineTune, status: Mapping[str, Any],
+                  deployments: Any, now: datetime) -> phases.Transition | None:
+    namespace = body["metadata"]["namespace"]
+    view = _first(deployments, (namespace, names.canary_name(ft.name)))
+    ref = ft.spec.serving.api_key_secret
+    asks = ref is not None and status.get("canaryStage") != promotion.OBSERVING  # golden prompts not yet passed
+    api_key = (op.api.secret_data(namespace, ref.name) or {}).get(ref.key) if asks else None
+    transition, action = canary.step(op.api, ft, namespace, status, view, now, op.settings.history_limit, api_key)
+    if action == canary.REMOVE:
+        op.api.delete({"kind": "Deployment", "metadata": {"name": names.canary_name(ft.name), "namespace": namespace}})
+    elif action == canary.PROMOTE:
+        uri = status.get("candidateUri") or ""
+        op.api.apply(builders.build_deployment(ft, owner_of(body), uri, _run_of(status, uri), op.settings))
+    return transition
 
 
 def _watch_data(op: Operator, body: Mapping[str, Any], memory: Memory, ft: GLMFineTune,

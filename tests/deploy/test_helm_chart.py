@@ -31,6 +31,7 @@ WORKLOAD_PERMISSIONS = (
     | {("apps", "deployments", verb) for verb in CHILD_VERBS}
     | {("", resource, verb) for resource in ("services", "configmaps") for verb in CHILD_VERBS}
     | {("", "events", "create"), ("", "events", "patch"), ("", "secrets", "get")}
+    | {("", "pods", "list")}  # serving.promotion: the operator talks to canary pods directly
 )
 DISCOVERY_PERMISSIONS = {
     ("", "namespaces", "list"),

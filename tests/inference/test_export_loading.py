@@ -123,3 +123,41 @@ def test_a_relative_base_outside_or_absent_from_the_export_is_refused(exports, t
     with pytest.raises(InvalidInputError, match="base") as err:
         load_served_models(str(copy))
     assert "glmtune-export.json:base_model" in str(err.value)
+
+
+@pytest.mark.slow
+def test_glmtune_serve_serves_the_training_report_shipped_in_the_export(exports, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from glmtune import storage
+
+    export = shutil.copytree(exports.get("full", "v2"), tmp_path / "export")
+    (export / "report.html").write_text("<html><body>loss went down</body></html>", encoding="utf-8")
+    storage.write_manifest(export)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "GLMTUNE_API_KEY": ""}
+    entry = "import sys; from glmtune_app.cli import main; sys.exit(main(sys.argv[1:]))"
+    server = subprocess.Popen([sys.executable, "-c", entry, "serve", str(export), "--device", "cpu", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/report", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        assert reply.status_code == 200 and "loss went down" in reply.text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

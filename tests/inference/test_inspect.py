@@ -43,3 +43,10 @@ def test_the_recipe_is_written_into_the_export_file(exports):
 def test_inspecting_a_plain_folder_is_an_input_error(exports):
     with pytest.raises(InvalidInputError, match="not a glmtune export"):
         inspect(str(exports.get("base", "v2")))
+
+
+def test_an_export_from_before_provenance_says_what_it_does_not_record(exports, capsys):
+    assert inspect(str(exports.get("adapter", "v2"))) == 0
+    text = capsys.readouterr().out
+    assert "token ids not recorded" in text and "version not recorded" in text and "none recorded" in text
+    assert "fingerprint" not in text

@@ -99,3 +99,28 @@ def test_inspect_reads_only_the_description_of_an_s3_export(exports, bucket):
     data = describe(uri)
     assert (data["kind"], data["quantization_bit"], data["complete"]) == ("prefix", 4, True)
     assert "prefix_encoder.safetensors" in data["files"]
+
+
+def test_an_adapter_on_s3_refuses_an_s3_base_it_was_not_trained_over(exports, bucket, tmp_path):
+    """Both on S3: the fingerprint of the downloaded base is checked (from its verified manifest's digests)."""
+    import json
+
+    from glmtune.fingerprint import base_fingerprint
+    from glmtune.modeling import create_model_dir
+
+    base = exports.get("base", "v2")
+    other = create_model_dir("v2", "tiny", tmp_path / "other", seed=1)
+    storage.upload_dir(base, f"s3://{bucket}/fp-base")
+    storage.upload_dir(other, f"s3://{bucket}/fp-other")
+    for name, base_uri in (("right", f"s3://{bucket}/fp-base"), ("wrong", f"s3://{bucket}/fp-other")):
+        local = shutil.copytree(exports.get("adapter", "v2"), tmp_path / name)
+        info = json.loads((local / "glmtune-export.json").read_text())
+        info.update(base_model=base_uri, base_fingerprint=base_fingerprint(base))
+        (local / "glmtune-export.json").write_text(json.dumps(info))
+        storage.upload_dir(local, f"s3://{bucket}/fp-{name}")
+    options = LoadOptions(cache_dir=tmp_path / "cache")
+    assert len(load_served_models(f"s3://{bucket}/fp-right", options=options)) == 1
+    with pytest.raises(InvalidInputError) as refused:
+        load_served_models(f"s3://{bucket}/fp-wrong", options=options)
+    assert base_fingerprint(other) in str(refused.value) and f"s3://{bucket}/fp-other" in str(refused.value)
+    assert f"s3://{bucket}/fp-wrong/glmtune-export.json" in str(refused.value)

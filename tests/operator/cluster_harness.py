@@ -10,13 +10,21 @@ training operator whose pods we do not run.
 Deployment controller + kubelet: pods of the current template start (the container's command, or, with
 `run_servers=False`, a readiness the test decides per model URI), old pods are stopped only as new ones
 become Ready (maxUnavailable 0), readiness comes from the pod's readinessProbe, and the Deployment status
-is written like the controller does. `endpoints(service)` lists the Ready pods a Service selects.
+is written like the controller does. `endpoints(service)` lists the Ready pods a Service selects. With
+`run_servers=True` each server pod also exists as a Pod object in the API (labels of its template, `podIP`
+127.0.0.1, the `http` container port remapped to the local port the process listens on, a Ready condition),
+so a client that reads Pods, such as the operator talking to canary pods directly, reaches the process.
+
+Faults: `fault_after(model_uri)` → N makes the server pods of that model answer their first N chat
+completions and fail every later one with HTTP 500 (an exception raised inside the app by a
+`sitecustomize` the harness puts on the pod's PYTHONPATH), so the server's own metrics count the errors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +38,34 @@ from local_pods import LocalPod, free_port
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs"
 DEPLOYMENTS = "/apis/apps/v1/namespaces/{ns}/deployments"
+PODS = "/api/v1/namespaces/{ns}/pods"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+FAULT_ENV = "GLMTUNE_TEST_FAULT_AFTER"
+# Raised in the app (inside the server's access-log middleware), so the server records the 500 itself.
+FAULT_SITECUSTOMIZE = """
+import os
+
+_AFTER = int(os.environ["GLMTUNE_TEST_FAULT_AFTER"])
+_SEEN = [0]
+
+
+def _install():
+    from starlette.routing import Router
+
+    original = Router.__call__
+
+    async def faulty(self, scope, receive, send):
+        if scope.get("type") == "http" and scope.get("path") == "/v1/chat/completions":
+            _SEEN[0] += 1
+            if _SEEN[0] > _AFTER:
+                raise RuntimeError("fault injected by the test harness")
+        await original(self, scope, receive, send)
+
+    Router.__call__ = faulty
+
+
+_install()
+"""
 
 
 def _now() -> str:
@@ -53,6 +89,9 @@ class ServerPod:
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
     restarts: int = 0
+    name: str = ""
+    """Name of its Pod object in the API ("" when the harness keeps none)."""
+    published_ready: bool | None = None
 
 
 class Harness:
@@ -60,10 +99,11 @@ class Harness:
 
     def __init__(self, api_url: str, namespace: str, workdir: Path, *, run_training: bool = True,
                  run_servers: bool = True, ready_when: Callable[[str], bool] = lambda uri: True,
-                 poll: float = 0.25) -> None:
+                 fault_after: Callable[[str], int | None] = lambda uri: None, poll: float = 0.25) -> None:
         self.api = httpx.Client(base_url=api_url, timeout=30)
         self.namespace, self.workdir, self.poll = namespace, workdir, poll
         self.run_training, self.run_servers, self.ready_when = run_training, run_servers, ready_when
+        self.fault_after = fault_after
         self.jobs: dict[str, Job] = {}
         self.servers: dict[str, list[ServerPod]] = {}
         self.job_log: list[str] = []
@@ -200,8 +240,7 @@ class Harness:
         items = self.api.get(DEPLOYMENTS.format(ns=self.namespace)).json()["items"]
         for name in set(self.servers) - {item["metadata"]["name"] for item in items}:
             for server in self.servers.pop(name):
-                if server.pod is not None:
-                    server.pod.stop(grace=5)
+                self._stop_server(server)
         for item in items:
             self._sync_deployment(item)
 
@@ -214,25 +253,63 @@ class Harness:
         pods = self.servers.setdefault(name, [])
         current = [p for p in pods if p.template_hash == digest]
         while len(current) < spec["replicas"]:
-            root = self.workdir / "pods" / f"{name}-{digest}-{len(current)}-{time.monotonic_ns()}"
-            pod = LocalPod(self.api, self.namespace, template["spec"], root, self.workdir / "pvc")
+            pod_name = f"{name}-{digest}-{secrets.token_hex(3)}"
+            root = self.workdir / "pods" / pod_name
+            pod = LocalPod(self.api, self.namespace, template["spec"], root, self.workdir / "pvc",
+                           self._fault_env(uri, root))
+            server = ServerPod(digest, uri, pod)
             if self.run_servers:
                 pod.start()
-            server = ServerPod(digest, uri, pod)
+                server.name = pod_name
+                self._publish_pod(server, template)
             pods.append(server)
             current.append(server)
         for server in current:
             self._probe(server, container)
+            self._publish_ready(server)
         ready_new = sum(server.ready for server in current[: spec["replicas"]])
         old = [p for p in pods if p.template_hash != digest]
         keep = max(0, spec["replicas"] - ready_new)  # maxUnavailable 0: old Ready pods stay until replaced
         keep_old = sorted(old, key=lambda p: not p.ready)[:keep]
         for server in old:
             if server not in keep_old or not server.ready:
-                if server.pod is not None:
-                    server.pod.stop(grace=5)
+                self._stop_server(server)
                 pods.remove(server)
         self._write_deployment(deployment, pods, digest)
+
+    def _fault_env(self, uri: str, root: Path) -> dict[str, str]:
+        after = self.fault_after(uri)
+        if after is None:
+            return {}
+        folder = root / "fault"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sitecustomize.py").write_text(FAULT_SITECUSTOMIZE)
+        return {"PYTHONPATH": str(folder), FAULT_ENV: str(after)}
+
+    def _publish_pod(self, server: ServerPod, template: dict[str, Any]) -> None:
+        """The pod as the API shows it: template labels, its IP, container ports as this machine maps them."""
+        spec = json.loads(json.dumps(template["spec"]))
+        for port in spec["containers"][0].get("ports", []):
+            port["containerPort"] = server.pod.ports[port["containerPort"]]
+        body = {"apiVersion": "v1", "kind": "Pod", "spec": spec,
+                "metadata": {"name": server.name, "labels": template["metadata"].get("labels", {})}}
+        self.api.post(PODS.format(ns=self.namespace), json=body).raise_for_status()
+
+    def _publish_ready(self, server: ServerPod) -> None:
+        if not server.name or server.published_ready == server.ready:
+            return
+        flag = "True" if server.ready else "False"
+        status = {"phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
+                  "conditions": [{"type": "Ready", "status": flag}, {"type": "ContainersReady", "status": flag}]}
+        self.api.patch(f"{PODS.format(ns=self.namespace)}/{server.name}/status", json={"status": status},
+                       headers=MERGE).raise_for_status()
+        server.published_ready = server.ready
+
+    def _stop_server(self, server: ServerPod) -> None:
+        if server.pod is not None:
+            server.pod.stop(grace=5)
+        if server.name:
+            self.api.delete(f"{PODS.format(ns=self.namespace)}/{server.name}")
 
     def _probe(self, server: ServerPod, container: dict[str, Any]) -> None:
         if not self.run_servers:

@@ -254,7 +254,7 @@ def test_invalid_spec_ends_failed_with_the_field_named(cluster, operator, harnes
     op = operator()
     spec = make_spec(bucket, moto_endpoint, data={"sources": ["ftp://example.org/data.json"]})
     cluster.call(lambda e: e.put(FT, finetune("chat", spec)))
-    wait_for(lambda: phase_of(cluster, "chat") == "Failed", 30, "phase Failed", op.tail)
+    wait_for(lambda: phase_of(cluster, "chat") == "Failed", 90, "phase Failed", op.tail)
     status = get_ft(cluster, "chat")["status"]
     valid = next(c for c in status["conditions"] if c["type"] == "SpecValid")
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"

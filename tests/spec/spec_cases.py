@@ -224,6 +224,38 @@ CASES = {
         "model:\n  uri: m\n  dtype: int3  #!\n" + BASE_DATA + "\n" + BASE_OUTPUT,
         "spec.model.dtype",
     ),
+    "golden_prompt_with_two_expectations": (
+        bare("serving:\n  promotion:\n    goldenPrompts:  #!\n      - messages: [{role: user, content: hi}]\n"
+             "        expect: {exact: hello, contains: he}"),
+        "spec.serving.promotion.goldenPrompts",
+    ),
+    "golden_prompt_without_expectation": (
+        bare("serving:\n  promotion:\n    goldenPrompts:  #!\n      - messages: [{role: user, content: hi}]\n"
+             "        expect: {}"),
+        "spec.serving.promotion.goldenPrompts",
+    ),
+    "golden_prompt_ending_with_the_answer": (
+        bare("serving:\n  promotion:\n    goldenPrompts:  #!\n      - messages: [{role: user, content: hi}, "
+             "{role: assistant, content: hello}]\n        expect: {contains: a}"),
+        "spec.serving.promotion.goldenPrompts",
+    ),
+    "golden_prompt_invalid_regex": (
+        bare("serving:\n  promotion:\n    goldenPrompts:\n      - messages: [{role: user, content: hi}]\n"
+             "        expect:\n          regex: '([a-z'  #!"),
+        "spec.serving.promotion.goldenPrompts[0].expect.regex",
+    ),
+    "promotion_without_serving": (
+        bare("serving:\n  enabled: false\n  promotion: {maxEvalLossIncrease: 0.1}  #!"),
+        "spec.serving.promotion",
+    ),
+    "eval_gate_without_held_out_data": (
+        bare("serving:\n  promotion: {maxEvalLossIncrease: 0.1}  #!"),
+        "spec.serving.promotion.maxEvalLossIncrease",
+    ),
+    "canary_error_rate_above_one": (
+        bare("serving:\n  promotion:\n    canary: {maxErrorRate: 1.5}  #!"),
+        "spec.serving.promotion.canary.maxErrorRate",
+    ),
     "wrong_kind": (
         "apiVersion: glmtune.io/v1alpha1\nkind: PyTorchJob  #!\nspec:\n  " + "\n  ".join(bare().splitlines()),
         "kind",

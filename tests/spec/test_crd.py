@@ -92,6 +92,8 @@ def test_crd_identity() -> None:
         "Method": ".spec.method.name",
         "Run": ".status.run",
         "Model URI": ".status.modelUri",
+        "Candidate": ".status.candidateUri",
+        "Canary": ".status.canaryStage",
         "Age": ".metadata.creationTimestamp",
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -34,15 +34,50 @@ class BatchSource(Protocol):
 
 @dataclass
 class LoopState:
-    """Progress saved in every checkpoint (`trainer_state.json`)."""
+    """Progress saved in every checkpoint (`trainer_state.json`).
+
+    `eval_metrics` are the latest held-out figures (eval_loss, perplexity, bleu4, rouge_l); `epoch_loss_sum` /
+    `epoch_loss_steps` add up the current epoch's finite step losses, whose mean is the run's `train_loss`.
+    """
 
     step: int = 0
     tokens: int = 0
     last_loss: float = float("nan")
     eval_loss: float | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "last_loss": self.last_loss, "eval_loss": self.eval_loss}
+        return {"step": self.step, "tokens": self.tokens, "last_loss": self.last_loss, "eval_loss": self.eval_loss,
+                "eval_metrics": dict(self.eval_metrics), "epoch_loss_sum": self.epoch_loss_sum,
+                "epoch_loss_steps": self.epoch_loss_steps}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> LoopState:
+        """The state `to_json` saved; files from before the metrics were kept give empty figures."""
+        eval_loss = saved.get("eval_loss")
+        metrics = saved.get("eval_metrics")
+        if not isinstance(metrics, dict):
+            metrics = {} if eval_loss is None else held_out_scores(eval_loss)
+        return cls(step=saved["step"], tokens=saved.get("tokens", 0),
+                   last_loss=saved.get("last_loss", float("nan")), eval_loss=eval_loss, eval_metrics=metrics,
+                   epoch_loss_sum=float(saved.get("epoch_loss_sum", 0.0)),
+                   epoch_loss_steps=int(saved.get("epoch_loss_steps", 0)))
+
+    def run_metrics(self) -> dict[str, float]:
+        """What the export records: the held-out figures of the final weights plus `train_loss`, the mean step
+        loss of the last epoch (finite numbers only)."""
+        figures = dict(self.eval_metrics)
+        if self.epoch_loss_steps:
+            figures["train_loss"] = self.epoch_loss_sum / self.epoch_loss_steps
+        return {k: float(v) for k, v in figures.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def held_out_scores(eval_loss: float) -> dict[str, float]:
+    """eval_loss and the perplexity it means (capped at exp(50) so a diverged run still gives a number)."""
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
 
 
 @dataclass
@@ -154,6 +189,9 @@ def fit(
         window_tokens += int(real)
         guard.record(applied, state.step)
         state.last_loss = loss
+        if applied and math.isfinite(loss):
+            state.epoch_loss_sum += loss
+            state.epoch_loss_steps += 1
         metrics.advance()
         if state.step % plan.log_every == 0 or state.step == plan.total_steps:
             now = time.perf_counter()
@@ -166,11 +204,13 @@ def fit(
         if end_of_epoch and state.step < plan.total_steps:
             epoch += 1
             batches = source.micro_batches(epoch, 0)
-        if end_of_epoch and plan.evaluate_each_epoch:
+            state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
+        # The last step is always evaluated: the export records the held-out figures of the weights it holds.
+        if (end_of_epoch and plan.evaluate_each_epoch) or state.step == plan.total_steps:
             state.eval_loss = validate(engine, source, device)
-            scores = {} if state.eval_loss is None else {
-                "eval_loss": state.eval_loss, "perplexity": math.exp(min(state.eval_loss, 50.0))}
+            scores = {} if state.eval_loss is None else held_out_scores(state.eval_loss)
             scores.update(extra_eval() if extra_eval is not None else {})
+            state.eval_metrics = scores
             if scores:
                 metrics.log("eval", state.step, scores)
         if _checkpoint_due(plan, state.step, end_of_epoch, last_save, device):
@@ -179,8 +219,19 @@ def fit(
         if stop_after is not None and steps_here >= stop_after:
             break
     state_rate = steps_here / max(time.perf_counter() - started, 1e-9)
-    metrics.log("summary", state.step, {"steps_per_s": state_rate, "skipped_steps": guard.skipped_total})
+    metrics.log("summary", state.step, {"steps_per_s": state_rate, "skipped_steps": guard.skipped_total,
+                                        **peak_memory(device)})
     return state
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory for the run's report: CUDA's max allocated bytes, else the peak resident set."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)), "peak_memory_device": str(device)}
+    import resource
+
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+            "peak_memory_device": "cpu (peak RSS)"}
 
 
 def _checkpoint_due(plan: LoopPlan, step: int, end_of_epoch: bool, last_save: float, device: torch.device) -> bool:

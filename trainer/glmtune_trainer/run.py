@@ -30,6 +30,7 @@ import torch
 
 from glmtune import storage
 from glmtune.errors import GlmtuneError, InvalidInputError
+from glmtune.fingerprint import base_fingerprint
 from glmtune.modeling.hf_compat import enable_activation_checkpointing
 from glmtune_trainer import checkpoint as ckpt
 from glmtune_trainer.distributed import (
@@ -103,11 +104,13 @@ def _resume_from(cp: Any, root: Path, topology: Topology, roles: WorkDirRoles) -
     return Path(per_directory(topology, roles, lambda: str(ckpt.materialise(root, step, cp.mirror_uri))))
 
 
-def _run_description(spec: Any, base: dict[str, Any], total_steps: int) -> dict[str, Any]:
-    """run.json: how to rebuild the trained model from its base (read by export)."""
+def _run_description(spec: Any, base: dict[str, Any], total_steps: int, fingerprint: str | None) -> dict[str, Any]:
+    """run.json: how to rebuild the trained model from its base (read by export), and the fingerprint of that base
+    (export refuses to rebuild over a base whose files have changed since)."""
     model = spec.spec.model
     return {
         "spec_name": spec.metadata.name, "base_model": base["path"], "base_uri": model.uri or base["path"],
+        "base_fingerprint": fingerprint,
         "family": base["family"], "template": base["template"], "dtype": base["dtype"],
         "method": spec.spec.method.model_dump(mode="json"), "total_steps": total_steps,
         "quantization_bits": model.quantization.bits if model.quantization else 0,
@@ -183,7 +186,8 @@ def _train(prepared: Prepared, stop_after: int | None, on_event: EventCallback |
     scheduler = _scheduler(training, engine, total)
     guard = NonFiniteGuard(max_consecutive=training.max_bad_steps, precision=training.precision)
     root = workdir / "checkpoints"
-    run_info = _run_description(spec, base, total)
+    # Only the writers save run.json; hashing the base (cached next to it after the first time) is theirs alone.
+    run_info = _run_description(spec, base, total, base_fingerprint(base["path"]) if roles.writer else None)
     state = LoopState()
     cp = training.checkpoint
     resume_from = _resume_from(cp, root, topology, roles)
@@ -282,7 +286,6 @@ def _resume(directory: Path, engine: Engine, scheduler: Any, guard: NonFiniteGua
     scheduler.load_state_dict(extra["scheduler"])
     load_adalora_state(engine.model, extra.get("adalora"))
     guard.load_state_dict(saved.get("guard", {}))
-    state = LoopState(step=saved["step"], tokens=saved.get("tokens", 0), last_loss=saved.get("last_loss", float("nan")),
-                      eval_loss=saved.get("eval_loss"))
+    state = LoopState.from_json(saved)
     ckpt.load_rng(directory, topology.rank)
     return state
