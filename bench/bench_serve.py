@@ -54,12 +54,12 @@ def build_small_v1(out: Path) -> str:
 
 def bench_batch1(served, new_tokens: int) -> dict:
     """Tokens/s of one request decoded alone (prefill excluded), as chat() runs it."""
-    from glmtune_inference.batching import DecodeBatch, Sequence
+    from glmtune_inference.batching import DecodeBatch, DecodeSequence
     from glmtune_inference.generation import TextDeltaDecoder
 
     params = served.params(temperature=1.0, top_p=1.0, seed=0, max_new_tokens=new_tokens)
-    batch = DecodeBatch(served.model, served.prefix_len, served.family)
-    seq = Sequence(served.encode(QUERIES[1]), params, TextDeltaDecoder(served.tokenizer))
+    batch = DecodeBatch(served.model, served.prefix_len)
+    seq = DecodeSequence(served.encode(QUERIES[1]), params, TextDeltaDecoder(served.tokenizer))
     batch.prefill(seq)
     start = time.perf_counter()
     while not seq.finished:

@@ -245,7 +245,7 @@ def serving_speed(model: torch.nn.Module, prompt: int, decode: int, streams: int
     """Batch-1 decode tokens/s, then `streams` concurrent requests: aggregate tokens/s and TTFT p50/p95."""
     from glmtune_inference.generation import GenerationParams
     from glmtune_inference.loading import ServedModel
-    from glmtune_inference.scheduler import Engine, Finished, TextDelta
+    from glmtune_inference.scheduler import Finished, ServingEngine, TextDelta
 
     served = ServedModel(name="m", model=model.eval(), tokenizer=StandInTokenizer(), template="v1", family="v1",
                          context_length=4096)
@@ -256,7 +256,7 @@ def serving_speed(model: torch.nn.Module, prompt: int, decode: int, streams: int
         return torch.randint(5, 130000, (prompt - 2,), generator=generator).tolist() + [130001, 130004]
 
     async def run(count: int) -> tuple[float, list[tuple[float, float, int]]]:
-        engine = Engine({"m": served}, max_batch=max(count, 1), queue_size=count + 1)
+        engine = ServingEngine({"m": served}, max_batch=max(count, 1), queue_size=count + 1)
         engine.start()
 
         async def one() -> tuple[float, float, int]:

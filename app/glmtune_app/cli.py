@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "glmtune.modeling.cli",  # model init
     "glmtune_trainer.data.cli",  # data build|stats|show
     "glmtune_trainer.cli",  # train, export
+    "glmtune_trainer.report",  # report
     "glmtune_inference.cli",  # chat, serve
     "glmtune.export_inspect",  # inspect
     "glmtune_app.pipeline",  # run

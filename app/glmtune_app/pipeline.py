@@ -269,6 +269,7 @@ def summary(result: PipelineResult, question: str, host: str, port: int, serving
         "",
         f"Done in {_duration(result.seconds)}: {result.steps} training steps{loss}.",
         f"The fine-tuned model ({result.export_kind}) is in {uri}",
+        f"Its training report (curves, data statistics, method, files): {uri.rstrip('/')}/report.html",
         "",
         "Chat with it in the terminal:",
         f"  {glmtune} chat {shlex.quote(uri)}",
@@ -280,6 +281,7 @@ def summary(result: PipelineResult, question: str, host: str, port: int, serving
         lines += [f"  {glmtune} serve {shlex.quote(uri)} --model-name {result.model_name} --port {port}",
                   "then ask one of its training questions:"]
     lines += [
+        f"  or open {url}/ in a browser to chat (training report: {url}/report)",
         f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
         f"    -d {shlex.quote(json.dumps(payload, ensure_ascii=False))}",
         "or from Python (pip install openai):",

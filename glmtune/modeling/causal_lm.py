@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -36,6 +38,12 @@ class GLMCausalLM:
         quantize_model(self.transformer, bits, self.quantized_modules)
         self.config.quantization_bit = bits
         return self
+
+    def decode_position_ids(self, prompts: Sequence[Sequence[int]], generated: Sequence[int]) -> torch.Tensor | None:
+        """Position ids (host tensor) of the tokens one decode step feeds, for unpadded `prompts` with `generated`
+        answer tokens each; None when the model derives them from the mask itself (ChatGLM2/3). Lets a serving
+        batcher advance left-padded rows without knowing the family."""
+        return None
 
     def forward(
         self,

@@ -9,6 +9,8 @@ mask (a p-tuning prefix) are always visible. See chatglm6b_masks.py and chatglm6
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -19,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from glmtune.errors import InvalidInputError, check_fields
 from glmtune.modeling.causal_lm import GLMCausalLM, check_model_inputs
 from glmtune.modeling.chatglm6b_layers import GLMBlock, PrefixEncoder, RotaryEmbedding, original_inv_freq
-from glmtune.modeling.chatglm6b_masks import glm_position_ids, prefix_lm_keep, sop_index
+from glmtune.modeling.chatglm6b_masks import decode_position_ids, glm_position_ids, prefix_lm_keep, sop_index
 from glmtune.modeling.hf_compat import CACHE_NAMES, cache_field
 from glmtune.modeling.quantization import QuantizedLinear, quantize_model
 
@@ -258,6 +260,12 @@ class ChatGLMForConditionalGeneration(GLMCausalLM, ChatGLMPreTrainedModel, Gener
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def decode_position_ids(self, prompts: Sequence[Sequence[int]], generated: Sequence[int]) -> torch.Tensor:
+        """[b, 2, 1]: each new token keeps its prompt's [gMASK] position while its block position counts on (left
+        padding would shift what the model derives from the mask, so decode steps are told)."""
+        return decode_position_ids(prompts, generated, bos_token_id=self.config.bos_token_id,
+                                   mask_token_id=self.config.mask_token_id, gmask_token_id=self.config.gmask_token_id)
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs

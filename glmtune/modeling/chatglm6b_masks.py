@@ -10,6 +10,8 @@ explicit masks/positions it packs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from glmtune.errors import InvalidInputError
@@ -92,3 +94,31 @@ def glm_attention_mask(
     """The original bool attention mask [b, 1, L, L] with True = masked (rows without `<sop>`: causal)."""
     real = _real_tokens(input_ids, attention_mask)
     return ~prefix_lm_keep(sop_index(input_ids, attention_mask, bos_token_id), real)
+
+
+def decode_position_ids(
+    prompts: Sequence[Sequence[int]], generated: Sequence[int], *, bos_token_id: int, mask_token_id: int,
+    gmask_token_id: int,
+) -> torch.Tensor:
+    """Position ids [b, 2, 1] of the token a decode step feeds for each unpadded prompt that has `generated`
+    answer tokens so far: the `[gMASK]` (else `[MASK]`) index and the block position counting on from `<sop>`,
+    i.e. the last column `glm_position_ids` gives prompt + answer. Pure Python on the host: a step never
+    rebuilds whole position tensors."""
+    rows = []
+    for row, (ids, count) in enumerate(zip(prompts, generated, strict=True)):
+        anchor = _first_of(ids, gmask_token_id)
+        anchor = anchor if anchor >= 0 else _first_of(ids, mask_token_id)
+        sop = _first_of(ids, bos_token_id)
+        if sop < 0 or anchor < 0:
+            raise InvalidInputError(f"prompt {row} has no <sop> and [gMASK]/[MASK] token, so ChatGLM-6B "
+                                    "positions are undefined; build prompts with the ChatGLM tokenizer",
+                                    where="input_ids")
+        rows.append([[anchor], [len(ids) + count - sop]])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _first_of(ids: Sequence[int], token: int) -> int:
+    try:
+        return ids.index(token)
+    except ValueError:
+        return -1

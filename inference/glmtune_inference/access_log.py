@@ -16,7 +16,8 @@ from glmtune_inference.metrics import ServerMetrics
 log = logging.getLogger("glmtune.access")
 
 # Metric label values are limited to the routes that exist, so random paths cannot grow the label set.
-_KNOWN_PATHS = frozenset({"/", "/v1/chat/completions", "/v1/models", "/healthz", "/readyz", "/metrics"})
+_KNOWN_PATHS = frozenset({"/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/report", "/healthz",
+                          "/readyz", "/metrics"})
 
 
 class AccessLogMiddleware:

@@ -5,7 +5,11 @@ token per forward.
 A request's padding columns are masked out in both forwards, so greedy answers are token-identical to
 unbatched ones (to float32 rounding, as `generate()` on a padded batch). The p-tuning v2 prefix of a prefix
 model stays in the first `prefix_len` cache columns (the model treats columns its 2-D mask does not cover as
-visible prefix), so padding is inserted after it.
+visible prefix), so padding is inserted after it. Requests with the very same prompt (a request's `n` choices)
+share one prefill row, copied into each one's cache row.
+
+Where a family places decode tokens itself (ChatGLM-6B's 2D positions), the model says so through its
+`decode_position_ids` method: nothing here depends on the family.
 
 Everything a step makes lives on the model's device (ids, mask, positions, sampling); the host keeps its own
 count of each row's real cache columns, so trimming padding never reads the mask back, and the chosen token
@@ -21,21 +25,29 @@ import torch
 
 from glmtune.export_loading import model_device
 from glmtune.modeling.hf_compat import output_cache
-from glmtune_inference.generation import GenerationParams, TextDeltaDecoder, choose_tokens, make_rng
+from glmtune_inference.generation import (
+    GenerationParams,
+    TextDeltaDecoder,
+    TokenLogprob,
+    choose_tokens,
+    make_rng,
+    token_logprobs,
+)
 from glmtune_inference.kv_cache import GrowingCache, cache_bytes
 
 
-def host_tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.tensor(data)` on `device`. For a GPU it is staged in pinned memory and copied without blocking: a
-    plain copy from pageable memory makes the host wait for the device (a sync torch's sync debug mode reports)."""
-    tensor = torch.tensor(data, dtype=dtype)
+def host_tensor(data: list | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(data)` (or a host tensor) on `device`. For a GPU it is staged in pinned memory and copied without
+    blocking: a plain copy from pageable memory makes the host wait for the device (a sync torch's sync debug mode
+    reports)."""
+    tensor = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return tensor if device.type == "cpu" else tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
-class Sequence:
+class DecodeSequence:
     """One request's decoding state: prompt, answer ids so far, and the text already released."""
 
     prompt_ids: list[int]
@@ -45,7 +57,7 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     deadline: float | None = None
-    anchor: tuple[int, int] | None = None  # v1: (position, block position) of the last prompt token
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per answer token, when params.logprobs is set
 
     def __post_init__(self) -> None:
         self.budget = self.params.new_token_budget(len(self.prompt_ids))
@@ -68,12 +80,20 @@ class Sequence:
             return torch.empty(0, dtype=torch.long, device=device)
         return host_tensor(self.prompt_ids + self.generated, torch.long, torch.device(device))
 
-    def accept(self, token: int) -> str:
+    def answer_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Answer ids so far (for the presence/frequency penalties) on `device`; empty when neither applies."""
+        if not self.params.penalizes_answer or not self.generated:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return host_tensor(self.generated, torch.long, torch.device(device))
+
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> str:
         """Take the next sampled token; returns the newly released text and sets `finish_reason` when done."""
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return self.decoder.finish(self.generated)
         self.generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         delta = self.decoder.push(self.generated)
         if self.decoder.stopped:
             self.finish_reason = "stop"
@@ -89,13 +109,11 @@ class Sequence:
 class DecodeBatch:
     """The running requests of one model and their shared, left-padded KV cache."""
 
-    def __init__(self, model: torch.nn.Module, prefix_len: int = 0, family: str = "v2") -> None:
+    def __init__(self, model: torch.nn.Module, prefix_len: int = 0) -> None:
         self.model = model
         self.device = model_device(model)
         self.prefix_len = prefix_len
-        # ChatGLM-6B derives 2D positions from a prompt's [gMASK]/<sop>; decode steps must be told theirs.
-        self.glm_positions = family == "v1"
-        self.sequences: list[Sequence] = []
+        self.sequences: list[DecodeSequence] = []
         self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [b, columns after the prefix], 1 = real token
         self._real: list[int] = []  # per row: its real (right-aligned) columns of `_mask`, known on the host
@@ -108,12 +126,12 @@ class DecodeBatch:
         cache = self._cache
         return 0 if cache is None else cache_bytes(cache)
 
-    def prefill(self, seq: Sequence) -> str:
+    def prefill(self, seq: DecodeSequence) -> str:
         """Run one prompt, choose its first token, and let the request join the batch if it goes on."""
         return self.prefill_many([seq])[0][1]
 
     @torch.inference_mode()
-    def prefill_many(self, seqs: list[Sequence]) -> list[tuple[Sequence, str]]:
+    def prefill_many(self, seqs: list[DecodeSequence]) -> list[tuple[DecodeSequence, str]]:
         """Run prompts that arrived together in left-padded forwards (a burst waits for one prefill, not for one
         after another) and choose each first token; requests that go on join the batch. Prompts of very
         different lengths go to separate forwards, so padding never costs more than half the real tokens."""
@@ -122,44 +140,62 @@ class DecodeBatch:
             deltas.update(self._prefill_group(group))
         return [(seq, deltas.get(id(seq), "")) for seq in seqs]
 
-    def _prefill_group(self, live: list[Sequence]) -> dict[int, str]:
-        width = max(len(seq.prompt_ids) for seq in live)
+    def _prefill_group(self, live: list[DecodeSequence]) -> dict[int, str]:
+        # One forward row per distinct prompt: the n choices of a request are prefilled once.
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in live]
+        prompts = [list(prompt) for prompt in unique]
+        width = max(len(prompt) for prompt in prompts)
         pad = self.model.config.pad_token_id or 0
-        ids = host_tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in live], torch.long, self.device)
-        mask = host_tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in live], torch.long,
-                           self.device)
-        real = [len(s.prompt_ids) for s in live]
+        ids = host_tensor([[pad] * (width - len(p)) + p for p in prompts], torch.long, self.device)
+        mask = host_tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], torch.long, self.device)
+        real = [len(p) for p in prompts]
         for seq in live:  # a seeded request draws from a generator on the device its logits are on
             if seq.params.seed is not None and (seq.rng is None or seq.rng.device != self.device):
                 seq.rng = make_rng(seq.params.seed, self.device)
-        if self.glm_positions:
-            for seq in live:
-                positions = _glm_positions(self.model.config, torch.tensor([seq.prompt_ids]))
-                seq.anchor = tuple(positions[0, :, -1].tolist())
         out = self.model(
             input_ids=ids, attention_mask=mask, past_key_values=GrowingCache(), use_cache=True, logits_to_keep=1,
         )
-        tokens = choose_tokens(out.logits[:, -1], [s.params for s in live],
-                               [s.seen_ids(self.device) for s in live], [s.rng for s in live])
-        deltas = {id(seq): seq.accept(token) for seq, token in zip(live, tokens, strict=True)}
+        logits = out.logits[:, -1]
+        if len(prompts) < len(live):
+            logits = logits[host_tensor(row_of, torch.long, logits.device)]
+        deltas = self._choose_and_accept(live, logits)
         going_on = [i for i, seq in enumerate(live) if not seq.finished]
         if going_on:
-            cache, kept_mask = self._keep_rows(output_cache(out), mask, real, going_on)
-            self._join([live[i] for i in going_on], cache, kept_mask, [real[i] for i in going_on])
+            rows = [row_of[i] for i in going_on]
+            cache, kept_mask = self._keep_rows(output_cache(out), mask, real, rows)
+            self._join([live[i] for i in going_on], cache, kept_mask, [real[row] for row in rows])
         return deltas
 
+    def _choose_and_accept(self, seqs: list[DecodeSequence], logits: torch.Tensor) -> dict[int, str]:
+        """Choose each row's next token, let its request take it (with its log-probabilities when asked), and
+        return the released text by request."""
+        params = [s.params for s in seqs]
+        answers = [s.answer_ids(self.device) for s in seqs] if any(p.penalizes_answer for p in params) else None
+        tokens = choose_tokens(logits, params, [s.seen_ids(self.device) for s in seqs], [s.rng for s in seqs],
+                               answers)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asking:
+            rows = host_tensor(asking, torch.long, logits.device)
+            found = token_logprobs(logits[rows], [tokens[i] for i in asking], [params[i].logprobs for i in asking])
+            for i, value in zip(asking, found, strict=True):
+                logprobs[i] = value
+        return {id(seq): seq.accept(token, logprob)
+                for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)}
+
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, str]]:
+    def step(self) -> list[tuple[DecodeSequence, str]]:
         """One forward for every running request; returns (request, released text) pairs."""
         if not self.sequences:
             return []
         ids = host_tensor([[seq.generated[-1]] for seq in self.sequences], torch.long, self.device)
         mask = torch.cat((self._mask, torch.ones_like(ids)), dim=1)
         real = [n + 1 for n in self._real]
-        positions = None
-        if self.glm_positions:  # each new token keeps the [gMASK] position; its block position counts on
-            positions = host_tensor([[[s.anchor[0]], [s.anchor[1] + len(s.generated)]] for s in self.sequences],
-                                    torch.long, self.device)
+        positions = self.model.decode_position_ids([s.prompt_ids for s in self.sequences],
+                                                   [len(s.generated) for s in self.sequences])
+        if positions is not None:
+            positions = host_tensor(positions, torch.long, self.device)
         # Without padding the mask says nothing: leaving it out spares the model a mask (and, for ChatGLM2, the
         # device-to-host check of whether it is all ones).
         padded = min(real) < mask.shape[1]
@@ -169,11 +205,10 @@ class DecodeBatch:
         )
         self._cache, self._mask, self._real = output_cache(out), mask, real
         running = self.sequences
-        tokens = choose_tokens(out.logits[:, -1], [s.params for s in running],
-                               [s.seen_ids(self.device) for s in running], [s.rng for s in running])
-        return [(seq, seq.accept(token)) for seq, token in zip(running, tokens, strict=True)]
+        deltas = self._choose_and_accept(running, out.logits[:, -1])
+        return [(seq, deltas[id(seq)]) for seq in running]
 
-    def remove_finished(self, now: float | None = None) -> list[Sequence]:
+    def remove_finished(self, now: float | None = None) -> list[DecodeSequence]:
         """Drop finished, cancelled and expired requests (marking the latter two) and shrink the cache."""
         now = time.monotonic() if now is None else now
         for seq in self.sequences:
@@ -212,7 +247,7 @@ class DecodeBatch:
             return rows
         return torch.cat((rows[:, :, :p], rows[:, :, p + cut :]), dim=2)
 
-    def _join(self, seqs: list[Sequence], cache: GrowingCache, mask: torch.Tensor, real: list[int]) -> None:
+    def _join(self, seqs: list[DecodeSequence], cache: GrowingCache, mask: torch.Tensor, real: list[int]) -> None:
         if self._cache is None:
             self.sequences, self._cache, self._mask, self._real = list(seqs), cache, mask, list(real)
             return
@@ -237,10 +272,10 @@ class DecodeBatch:
         return torch.cat((tensor[:, :, :p], zeros, tensor[:, :, p:]), dim=2)
 
 
-def _length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+def _length_groups(seqs: list[DecodeSequence]) -> list[list[DecodeSequence]]:
     """Split prompts, longest first, into groups whose padded size stays within 1.5x their real tokens
     (plus 64 tokens of slack, so short prompts always share a forward)."""
-    groups: list[list[Sequence]] = []
+    groups: list[list[DecodeSequence]] = []
     for seq in sorted(seqs, key=lambda s: len(s.prompt_ids), reverse=True):
         if groups:
             group = groups[-1]
@@ -250,13 +285,6 @@ def _length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
                 continue
         groups.append([seq])
     return groups
-
-
-def _glm_positions(config, ids: torch.Tensor) -> torch.Tensor:
-    from glmtune.modeling.chatglm6b_masks import glm_position_ids
-
-    return glm_position_ids(ids, None, bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
-                            gmask_token_id=config.gmask_token_id)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

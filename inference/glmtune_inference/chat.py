@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from glmtune_inference.batching import DecodeBatch
-from glmtune_inference.batching import Sequence as DecodeSequence
+from glmtune_inference.batching import DecodeBatch, DecodeSequence
 from glmtune_inference.generation import TextDeltaDecoder
 from glmtune_inference.loading import LoadOptions, ServedModel, load_served_models
 
@@ -36,7 +35,7 @@ class ChatModel:
         gen = self.served.params(**params)
         seq = DecodeSequence(self.served.encode(query, history, system), gen,
                              TextDeltaDecoder(self.served.tokenizer, gen.stop))
-        batch = DecodeBatch(self.served.model, self.served.prefix_len, self.served.family)
+        batch = DecodeBatch(self.served.model, self.served.prefix_len)
         self.last_finish_reason = None
         delta = batch.prefill(seq)
         if delta:

@@ -9,6 +9,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from glmtune.errors import InvalidInputError
 
@@ -70,6 +73,9 @@ def _add_load_options(parser: argparse.ArgumentParser) -> None:
                         help="weight-only int4/int8 quantize the base at load, or 'none' (0) for full precision "
                              "(default: as the export records, e.g. the int4 base a ptv2-int4 run trained over)")
     parser.add_argument("--cache-dir", help="where s3:// models are downloaded (default $GLMTUNE_CACHE)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="apply adapter/prefix exports over a base whose fingerprint differs from the one they "
+                             "were trained over (refused by default: the answers silently lose quality)")
 
 
 def quantize_bits(value: str) -> int:
@@ -99,7 +105,7 @@ def _load_options(args: argparse.Namespace):
     from glmtune_inference.loading import LoadOptions
 
     return LoadOptions(dtype=args.dtype, quantization_bit=args.quantize, cache_dir=args.cache_dir,
-                       device=args.device)
+                       device=args.device, allow_base_mismatch=args.allow_base_mismatch)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -153,7 +159,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from glmtune_inference.loading import load_served_models, served_device
     from glmtune_inference.memory import default_kv_budget
-    from glmtune_inference.scheduler import Engine
+    from glmtune_inference.scheduler import ServingEngine
     from glmtune_inference.server import DrainingServer, ServerSettings, create_app
 
     if args.drain_notice < 0:
@@ -166,12 +172,12 @@ def run_serve(args: argparse.Namespace) -> int:
     served = load_served_models(args.model, parse_adapters(args.adapter), args.model_name, _load_options(args))
     device = served_device(served)
     kv_budget = args.max_kv_memory if args.max_kv_memory is not None else default_kv_budget(device)
-    engine = Engine(served, max_batch=args.max_batch, queue_size=args.queue_size, kv_budget=kv_budget)
+    engine = ServingEngine(served, max_batch=args.max_batch, queue_size=args.queue_size, kv_budget=kv_budget)
     settings = ServerSettings(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
         default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
         api_key=os.environ.get(API_KEY_ENV) or None, log_prompts=args.log_prompts,
-        drain_timeout_s=args.drain_timeout)
+        drain_timeout_s=args.drain_timeout, report_path=served_report(served))
     configure_access_log()
     listing = ", ".join(f"{name} ({model.source})" for name, model in served.items())
     print(f"glmtune serve: {listing} on {device} at http://{args.host}:{args.port}", file=sys.stderr)
@@ -179,6 +185,16 @@ def run_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=int(args.drain_timeout) or None)
     DrainingServer(config, engine, args.drain_notice).run()
     return 0
+
+
+def served_report(served: Mapping[str, Any]) -> Path | None:
+    """The training report shipped in the served export (the main model's first, else an adapter's), if any."""
+    from glmtune.export_format import REPORT_FILE
+
+    for model in served.values():
+        if model.directory is not None and (model.directory / REPORT_FILE).is_file():
+            return model.directory / REPORT_FILE
+    return None
 
 
 def configure_access_log() -> None:

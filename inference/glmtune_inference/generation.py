@@ -17,6 +17,7 @@ from glmtune.errors import check_fields
 # The original ChatGLM replaced broken scores by "all zero, token 5 very likely" so generation went on.
 _INVALID_SCORE_TOKEN = 5
 _INVALID_SCORE_VALUE = 5e4
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 # Below this temperature sampling is greedy in float32 anyway (and dividing by it would overflow).
 _MIN_TEMPERATURE = 1e-5
 
@@ -31,10 +32,13 @@ class GenerationParams:
     top_p: float = 0.7
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     do_sample: bool = True
     stop: tuple[str, ...] = ()
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k: the chosen token's log-probability and the k best alternatives
 
     def __post_init__(self) -> None:
         checks = (
@@ -48,9 +52,20 @@ class GenerationParams:
                 math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
                 "must be > 0",
             ),
+            ("presence_penalty", math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2,
+             "must be in [-2, 2]"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2,
+             "must be in [-2, 2]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "entries must be non-empty strings"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
         )
         check_fields(self, checks)
+
+    @property
+    def penalizes_answer(self) -> bool:
+        """Whether the OpenAI presence/frequency penalties apply (they count the answer's tokens only)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +110,17 @@ def apply_repetition_penalty(scores: torch.Tensor, seen_ids: torch.Tensor, penal
     return scores.scatter(-1, seen_ids, picked)
 
 
+def apply_answer_penalties(scores: torch.Tensor, answer_ids: torch.Tensor, presence: float,
+                           frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on one row [vocab]: minus `frequency` per time a token occurs in the answer so far, minus
+    `presence` once for each token that occurs at all."""
+    if answer_ids.numel() == 0 or (presence == 0.0 and frequency == 0.0):
+        return scores
+    scores = scores.index_add(0, answer_ids, scores.new_full(answer_ids.shape, -frequency))
+    # index_put without accumulate writes each token once however often it repeats: presence counts once
+    return scores.index_put((answer_ids,), scores[answer_ids] - presence)
+
+
 def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Keep the top_k best tokens, then the smallest set whose probability reaches top_p (others -inf)."""
     if top_k > 0 and top_k < scores.shape[-1]:
@@ -112,10 +138,12 @@ def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def choose_token(
-    logits: torch.Tensor, params: GenerationParams, seen_ids: torch.Tensor, rng: torch.Generator | None
+    logits: torch.Tensor, params: GenerationParams, seen_ids: torch.Tensor, rng: torch.Generator | None,
+    answer_ids: torch.Tensor | None = None,
 ) -> int:
     """The next token for one request from its fp32 logits row [vocab]."""
-    return choose_tokens(logits.unsqueeze(0), [params], [seen_ids], [rng])[0]
+    answers = None if answer_ids is None else [answer_ids]
+    return choose_tokens(logits.unsqueeze(0), [params], [seen_ids], [rng], answers)[0]
 
 
 def choose_tokens(
@@ -123,10 +151,11 @@ def choose_tokens(
     params: Sequence[GenerationParams],
     seen_ids: Sequence[torch.Tensor],
     rngs: Sequence[torch.Generator | None],
+    answer_ids: Sequence[torch.Tensor] | None = None,
 ) -> list[int]:
     """The next token of every row of `logits` [rows, vocab] (see `choose_token_ids`), read back to the host in
     one copy: the only device-to-host transfer of a decode step."""
-    return choose_token_ids(logits, params, seen_ids, rngs).tolist()
+    return choose_token_ids(logits, params, seen_ids, rngs, answer_ids).tolist()
 
 
 def choose_token_ids(
@@ -134,8 +163,10 @@ def choose_token_ids(
     params: Sequence[GenerationParams],
     seen_ids: Sequence[torch.Tensor],
     rngs: Sequence[torch.Generator | None],
+    answer_ids: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The next token ids [rows] on the logits' device, each row with its own parameters, seen ids and generator;
+    """The next token ids [rows] on the logits' device, each row with its own parameters, seen ids (prompt and
+    answer: repetition penalty), answer ids (presence/frequency penalties; None: no row has them) and generator;
     a row's token is exactly what it would be alone. Nothing here reads a device value on the host.
 
     Rows are processed one by one on purpose: a 130k-wide row stays in cache through all its passes, which
@@ -146,14 +177,14 @@ def choose_token_ids(
     # A broken row greedily gives the safe row's best token (the penalty cannot change it: zeros stay zeros).
     safe_token = _INVALID_SCORE_TOKEN if scores.shape[-1] > _INVALID_SCORE_TOKEN else 0
     tokens = []
-    for ok, row, p, seen, rng in zip(finite, scores, params, seen_ids, rngs, strict=True):
+    answers = answer_ids if answer_ids is not None else [None] * len(params)
+    for ok, row, p, seen, rng, answer in zip(finite, scores, params, seen_ids, rngs, answers, strict=True):
         seen = seen.to(row.device, non_blocking=True)
         if p.greedy:  # choosing among the argmax and the safe token is cheaper than rewriting the row
-            row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
+            row = _penalized(row, p, seen, answer)
             tokens.append(torch.where(ok, row.argmax(), safe_token).reshape(1))
             continue
-        row = torch.where(ok, row, _safe_row(row))
-        row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), p.repetition_penalty)[0]
+        row = _penalized(torch.where(ok, row, _safe_row(row)), p, seen, answer)
         filtered = p.top_k > 0 or p.top_p < 1.0
         if p.temperature == 1.0 and not filtered:
             probs = row.softmax(-1)  # softmax subtracts the max itself: the same values as below
@@ -173,6 +204,38 @@ def choose_token_ids(
     if not tokens:
         return torch.empty(0, dtype=torch.long, device=scores.device)
     return torch.cat(tokens)
+
+
+def _penalized(row: torch.Tensor, params: GenerationParams, seen: torch.Tensor,
+               answer: torch.Tensor | None) -> torch.Tensor:
+    row = apply_repetition_penalty(row.unsqueeze(0), seen.unsqueeze(0), params.repetition_penalty)[0]
+    if answer is None or not params.penalizes_answer:
+        return row
+    return apply_answer_penalties(row, answer.to(row.device, non_blocking=True), params.presence_penalty,
+                                  params.frequency_penalty)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model and the `top` best (token id, log-probability) pairs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen `tokens` under the model's own distribution (the raw logits, before
+    temperature, penalties or top-k/top-p: what the model thinks, as OpenAI reports it), one row each, with the
+    `top[i]` best alternatives of row i. One device-to-host copy for all rows."""
+    logp = sanitize_logits(logits.float()).log_softmax(-1)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logp.device)
+    chosen = logp.gather(-1, index[:, None])[:, 0].tolist()
+    k = max(top, default=0)
+    best_values, best_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    best_values, best_ids = best_values.tolist(), best_ids.tolist()
+    return [TokenLogprob(token, value, tuple(zip(best_ids[i][: top[i]], best_values[i][: top[i]], strict=True)))
+            for i, (token, value) in enumerate(zip(tokens, chosen, strict=True))]
 
 
 def make_rng(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -39,6 +39,8 @@ class ServedModel:
     prefix_len: int = 0
     source: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    # The local folder `source` was loaded from (the export itself, not its base): what it ships, e.g. report.html.
+    directory: Path | None = None
 
     def encode(self, query: str, history: Sequence[tuple[str, str]] = (), system: str | None = None) -> list[int]:
         """Prompt ids through the shared chat template (the same code training used)."""
@@ -56,12 +58,14 @@ class ServedModel:
 class LoadOptions:
     """How to load: dtype (None keeps the checkpoint's, "auto" is the device's: fp32 on CPU, bf16 or fp16 on a
     GPU); quantization of the base (None: as the exports record, 0: full precision, 4/8: weight-only quantize at
-    load); the download cache; the device (auto: CUDA when usable, else CPU; cpu; cuda; cuda:N)."""
+    load); the download cache; the device (auto: CUDA when usable, else CPU; cpu; cuda; cuda:N); whether an
+    adapter/prefix may go over a base with another fingerprint than the one it was trained over (experts only)."""
 
     dtype: str | None = None
     quantization_bit: int | None = None
     cache_dir: str | os.PathLike | None = None
     device: str = "auto"
+    allow_base_mismatch: bool = False
 
 
 def locate(uri: str | os.PathLike, options: LoadOptions = LoadOptions()) -> tuple[Path, ExportInfo | None]:
@@ -96,13 +100,18 @@ def load_served_models(model_uri: str, adapters: Mapping[str, str] | None = None
             raise InvalidInputError(f"an adapter must be an 'adapter' or 'prefix' export ({EXPORT_FILE})",
                                     where=str(uri))
         deltas.append(_Delta(adapter_name, adapter_path, adapter_info, str(uri)))
-    base_path = locate(export_loading.resolve_base(info, path), options)[0] if main_is_delta else path
+    base_uri = export_loading.resolve_base(info, path) if main_is_delta else str(model_uri)
+    base_path = locate(base_uri, options)[0] if main_is_delta else path
+    for delta in deltas:  # before any weights load: a wrong base is refused in seconds, naming both fingerprints
+        export_loading.check_export_base(delta.info, delta.source, base_path, base_uri, options.allow_base_mismatch,
+                                         export_dir=delta.path)
     bits = served_quantization(options.quantization_bit, deltas)
     backend = served_backend(options.quantization_bit, deltas)
     dtype = export_loading.resolve_load_dtype(options.dtype, device)
     base = _Base(export_loading.load_base(base_path, dtype, device, bits, backend), base_path)
     served = {} if main_is_delta else {
-        main_name: _served(main_name, base.model, base.path if info is None else path, info, str(model_uri))}
+        main_name: _served(main_name, base.model, base.path if info is None else path, info, str(model_uri),
+                           directory=path)}
     for delta in deltas:
         served[delta.name] = _apply_delta(base, delta)
     return served
@@ -149,7 +158,7 @@ class _Base:
 
 
 def _served(name: str, model: torch.nn.Module, tokenizer_dir: Path, info: ExportInfo | None, source: str,
-            prefix_len: int = 0) -> ServedModel:
+            prefix_len: int = 0, directory: Path | None = None) -> ServedModel:
     from glmtune.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -158,16 +167,17 @@ def _served(name: str, model: torch.nn.Module, tokenizer_dir: Path, info: Export
     context = getattr(config, "max_sequence_length", None) or getattr(config, "seq_length", None) or 2048
     family = "v1" if hasattr(config, "position_encoding_2d") else "v2"
     return ServedModel(name=name, model=model.eval(), tokenizer=tokenizer, template=template, family=family,
-                       context_length=int(context), prefix_len=prefix_len, source=source)
+                       context_length=int(context), prefix_len=prefix_len, source=source, directory=directory)
 
 
 def _apply_delta(base: _Base, delta: _Delta) -> ServedModel:
     tokenizer_dir = delta.path if _has_tokenizer(delta.path) else base.path
     if delta.info.kind == "adapter":
         model = export_loading.attach_adapter(shared_clone(base.model), delta.path, delta.name)
-        return _served(delta.name, model, tokenizer_dir, delta.info, delta.source)
+        return _served(delta.name, model, tokenizer_dir, delta.info, delta.source, directory=delta.path)
     model = export_loading.attach_prefix(base.model, delta.path, delta.info)
-    return _served(delta.name, model, tokenizer_dir, delta.info, delta.source, prefix_len=model.config.pre_seq_len)
+    return _served(delta.name, model, tokenizer_dir, delta.info, delta.source, prefix_len=model.config.pre_seq_len,
+                   directory=delta.path)
 
 
 def _has_tokenizer(path: Path) -> bool:

@@ -8,6 +8,9 @@ Memory: with a KV budget, a queued request joins the running ones only when ever
 full length (see `memory`); until then it waits in the queue (a full queue answers 429), and one that could
 never fit is refused at once (503). A forward that still runs out of device memory fails only the requests
 of that forward, and the server goes on.
+
+A request with `n` choices is `n` decode sequences queued together (`submit_choices`); the batch prefills their
+common prompt once.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 import torch
 
 from glmtune.errors import GlmtuneError, InvalidInputError
-from glmtune_inference.batching import DecodeBatch, Sequence
+from glmtune_inference.batching import DecodeBatch, DecodeSequence
 from glmtune_inference.generation import GenerationParams, TextDeltaDecoder
+from glmtune_inference.handles import ChoiceGroup, Finished, GenerationHandle, TextDelta
 from glmtune_inference.loading import ServedModel
 from glmtune_inference.memory import batch_need, format_bytes, kv_bytes_per_token, request_tokens
 
@@ -48,59 +51,13 @@ OUT_OF_MEMORY = "out_of_memory"
 """`Finished.reason` of requests whose forward ran out of device memory (HTTP 503)."""
 
 
-class UnknownModelError(InvalidInputError):
-    """The request names a model this server does not serve (HTTP 404)."""
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The last event of a request: why it ended, its token counts and its full answer."""
-
-    reason: str  # stop | length | timeout | cancelled | error | out_of_memory
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-
-
-class GenerationHandle:
-    """One submitted request: iterate it for `TextDelta`s ending with one `Finished`; `cancel()` to stop."""
-
-    def __init__(self, request_id: str, model: str, seq: Sequence, engine: Engine,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.id = request_id
-        self.model = model
-        self.seq = seq
-        self.kv_tokens = 0  # cache columns admission reserved for this request
-        self._engine = engine
-        self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
-
-    def cancel(self) -> None:
-        """Stop generating (client gone or timed out); safe to call at any time, from the event loop."""
-        self._engine._cancel(self)
-
-    async def __aiter__(self) -> AsyncIterator[TextDelta | Finished]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, Finished):
-                return
-
-
-
-def _deliver(items: list[tuple[asyncio.Queue, TextDelta | Finished]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue, tuple[int, TextDelta | Finished]]]) -> None:
     """Runs in the event loop: hand one engine step's events to their requests."""
     for queue, event in items:
         queue.put_nowait(event)
 
 
-class Engine:
+class ServingEngine:
     """Bounded queue + continuous batching over the served models."""
 
     def __init__(self, models: Mapping[str, ServedModel], *, max_batch: int = 8, queue_size: int = 64,
@@ -117,7 +74,7 @@ class Engine:
         self._kv_per_token = {name: kv_bytes_per_token(m.model) for name, m in self.models.items()}
         self.step_observer = step_observer  # called with the batch size of every decode forward
         self.finish_observer = finish_observer  # called with (model name, Finished) of every request
-        self._batches = {name: DecodeBatch(m.model, m.prefix_len, m.family) for name, m in self.models.items()}
+        self._batches = {name: DecodeBatch(m.model, m.prefix_len) for name, m in self.models.items()}
         self._handles: dict[int, GenerationHandle] = {}
         self._waiting: collections.deque[GenerationHandle] = collections.deque()
         self._lock = threading.Condition()
@@ -202,26 +159,41 @@ class Engine:
     def submit(self, model: str, prompt_ids: list[int], params: GenerationParams,
                timeout_s: float | None = None) -> GenerationHandle:
         """Queue a request (call from the event loop); raises QueueFullError / EngineUnavailableError /
-        UnknownModelError before anything is queued."""
+        InvalidInputError (a model this engine does not serve) before anything is queued."""
+        return self.submit_choices(model, [(prompt_ids, params)], timeout_s).handles[0]
+
+    def submit_choices(self, model: str, choices: list[tuple[list[int], GenerationParams]],
+                       timeout_s: float | None = None) -> ChoiceGroup:
+        """Queue one request's choices (prompt ids and parameters each, e.g. its own seed) together, all or none
+        (call from the event loop). Raises like `submit`."""
+        if not choices:
+            raise InvalidInputError("a request needs at least one choice", where="n")
         served = self.models.get(model)
         if served is None:
-            raise UnknownModelError(f"model {model!r} is not served here (GET /v1/models lists them)",
+            # The routes answer 404 before they get here; this guards direct callers (benchmarks, chat tools).
+            raise InvalidInputError(f"model {model!r} is not served here (GET /v1/models lists them)",
                                     where="model")
-        seq = Sequence(prompt_ids=list(prompt_ids), params=params,
-                       decoder=TextDeltaDecoder(served.tokenizer, params.stop),
-                       deadline=None if timeout_s is None else time.monotonic() + timeout_s)
-        handle = GenerationHandle(f"req-{next(self._ids)}", model, seq, self, asyncio.get_running_loop())
-        handle.kv_tokens = request_tokens(len(seq.prompt_ids), seq.budget, served.prefix_len)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        request_id, loop, events = f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue()
+        handles = []
+        for index, (prompt_ids, params) in enumerate(choices):
+            seq = DecodeSequence(prompt_ids=list(prompt_ids), params=params,
+                                 decoder=TextDeltaDecoder(served.tokenizer, params.stop), deadline=deadline)
+            handle = GenerationHandle(request_id, model, seq, self, loop, events, index)
+            handle.kv_tokens = request_tokens(len(seq.prompt_ids), seq.budget, served.prefix_len)
+            handles.append(handle)
         with self._lock:
             if not self._accepting:
                 raise EngineUnavailableError("the server is starting or shutting down")
-            if len(self._waiting) >= self.queue_size:
+            if len(self._waiting) + len(handles) > self.queue_size:
                 raise QueueFullError(f"{self.running} requests running and {len(self._waiting)} waiting")
-            self._admit_memory(handle)
-            self._handles[id(seq)] = handle
-            self._waiting.append(handle)
+            for handle in handles:
+                self._admit_memory(handle)
+            for handle in handles:
+                self._handles[id(handle.seq)] = handle
+                self._waiting.append(handle)
             self._lock.notify_all()
-        return handle
+        return ChoiceGroup(handles)
 
     def _admit_memory(self, handle: GenerationHandle) -> None:
         """Refuse a request whose KV cache alone exceeds the budget: it could wait forever."""
@@ -245,7 +217,7 @@ class Engine:
         seq = handle.seq
         self._handles.pop(id(seq), None)
         done = Finished(reason or seq.finish_reason or "error", seq.decoder.text, len(seq.prompt_ids),
-                        seq.completion_tokens, error)
+                        seq.completion_tokens, error, tuple(seq.logprobs))
         if self.finish_observer is not None:
             self.finish_observer(handle.model, done)
         self._post(handle, done)
@@ -257,6 +229,12 @@ class Engine:
         else:
             self._send([(handle, event)])
 
+    def _post_text(self, handle: GenerationHandle, text: str) -> None:
+        """Post released text with the log-probabilities of the tokens taken since the last delta."""
+        logprobs = tuple(handle.seq.logprobs[handle.logprobs_sent:])
+        handle.logprobs_sent = len(handle.seq.logprobs)
+        self._post(handle, TextDelta(text, logprobs))
+
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
         self._send(outbox)
@@ -265,7 +243,7 @@ class Engine:
     def _send(events: list[tuple[GenerationHandle, TextDelta | Finished]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for handle, event in events:
-            by_loop.setdefault(handle._loop, []).append((handle._events, event))
+            by_loop.setdefault(handle._loop, []).append((handle._events, (handle.index, event)))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
@@ -318,7 +296,7 @@ class Engine:
                 continue
             for seq, delta in prefilled:
                 if delta:
-                    self._post(by_seq[id(seq)], TextDelta(delta))
+                    self._post_text(by_seq[id(seq)], delta)
                 if seq.finished:
                     self._finish(by_seq[id(seq)])
             self._flush()  # first tokens go out at once, not after the next decode step
@@ -337,7 +315,7 @@ class Engine:
                 continue
             for seq, delta in stepped:
                 if delta:
-                    self._post(self._handles[id(seq)], TextDelta(delta))
+                    self._post_text(self._handles[id(seq)], delta)
             for seq in batch.remove_finished():
                 self._finish(self._handles[id(seq)])
 
@@ -361,6 +339,6 @@ class Engine:
         with self._lock:
             pending = list(self._handles.values())
             self._waiting.clear()
-            self._batches = {name: DecodeBatch(m.model, m.prefix_len, m.family) for name, m in self.models.items()}
+            self._batches = {name: DecodeBatch(m.model, m.prefix_len) for name, m in self.models.items()}
             for handle in pending:
                 self._finish(handle, reason, error=message)

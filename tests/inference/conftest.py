@@ -25,15 +25,20 @@ PRE_SEQ_LEN = 4
 def overfit(model: Any, tokenizer: Any, template: str, pairs: tuple, steps: int, lr: float,
             before_step: Callable[[int], None] | None = None) -> None:
     """Plain AdamW on the answer tokens of `pairs` (prompt positions masked) until the loss is tiny."""
-    import torch
-
     from glmtune.templates import encode_answer, encode_prompt
 
-    samples = []
-    for query, answer in pairs:
-        prompt = encode_prompt(tokenizer, template, query).ids
-        target = encode_answer(tokenizer, template, answer)
-        samples.append((torch.tensor([prompt + target]), torch.tensor([[-100] * len(prompt) + target])))
+    samples = [(encode_prompt(tokenizer, template, query).ids, encode_answer(tokenizer, template, answer))
+               for query, answer in pairs]
+    overfit_ids(model, samples, steps, lr, before_step)
+
+
+def overfit_ids(model: Any, samples: list[tuple[list[int], list[int]]], steps: int, lr: float,
+                before_step: Callable[[int], None] | None = None) -> None:
+    """Plain AdamW on (prompt ids, answer ids) samples, the loss on the answer ids only."""
+    import torch
+
+    samples = [(torch.tensor([prompt + target]), torch.tensor([[-100] * len(prompt) + target]))
+               for prompt, target in samples]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
@@ -265,10 +270,10 @@ def server_factory() -> Callable[..., contextlib.AbstractContextManager[RunningS
     @contextlib.contextmanager
     def serve(models: dict, max_batch: int = 8, queue_size: int = 16, drain_notice_s: float = 0.0,
               kv_budget: int | None = None, **settings: Any) -> Iterator[RunningServer]:
-        from glmtune_inference.scheduler import Engine
+        from glmtune_inference.scheduler import ServingEngine
         from glmtune_inference.server import ServerSettings, create_app
 
-        engine = Engine(models, max_batch=max_batch, queue_size=queue_size, kv_budget=kv_budget)
+        engine = ServingEngine(models, max_batch=max_batch, queue_size=queue_size, kv_budget=kv_budget)
         with running_server(create_app(engine, ServerSettings(**settings)), engine, drain_notice_s) as running:
             yield running
 
@@ -290,6 +295,28 @@ def served(exports: ExportFactory) -> Callable[..., dict]:
         return cache[key]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def fine_tune() -> Callable[..., Path]:
+    """`fine_tune(family, samples, out, steps, lr)`: a tiny base of `family` overfit on (prompt ids, answer ids)
+    samples, saved as a full export at `out` (for behaviours the shared exports do not show, e.g. tool calls)."""
+
+    def make(family: str, samples: Callable[[Any], list[tuple[list[int], list[int]]]], out: Path, steps: int = 80,
+             lr: float = 1e-2) -> Path:
+        import torch
+
+        from glmtune.modeling import create_model_dir, load_model, save_pretrained
+        from glmtune.tokenization import load_tokenizer
+
+        base = create_model_dir(family, "tiny", out.with_name(out.name + "-base"), seed=0)
+        model, tokenizer = load_model(base), load_tokenizer(base)
+        torch.manual_seed(0)
+        overfit_ids(model, samples(tokenizer), steps, lr)
+        save_pretrained(model, out, tokenizer=tokenizer)
+        return write_export(out, "full", family, "full")
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from glmtune_inference.batching import DecodeBatch, Sequence
+from glmtune_inference.batching import DecodeBatch, DecodeSequence
 from glmtune_inference.generation import TextDeltaDecoder
 from glmtune_inference.kv_cache import GrowingLayer
 
@@ -142,8 +142,8 @@ def test_weights_buffers_and_caches_live_on_the_requested_device(exports: Any, s
     want = resolve_device(device)
     misplaced = [name for name, tensor in _tensors(model.model) if tensor.device != want]
     assert misplaced == []
-    batch = DecodeBatch(model.model, model.prefix_len, model.family)
-    seqs = [Sequence(model.encode(query), model.params(max_new_tokens=6, do_sample=sample, seed=1,
+    batch = DecodeBatch(model.model, model.prefix_len)
+    seqs = [DecodeSequence(model.encode(query), model.params(max_new_tokens=6, do_sample=sample, seed=1,
                                                       repetition_penalty=1.2), TextDeltaDecoder(model.tokenizer))
             for query, sample in (("你好", False), ("从南京到上海的路线怎么走", True))]
     batch.prefill_many(seqs)
@@ -208,8 +208,8 @@ def host_reads(model: torch.nn.Module) -> Iterator[dict[str, list[str]]]:
 
 
 def _running_batch(model: Any, prompts: list[str]) -> DecodeBatch:
-    batch = DecodeBatch(model.model, model.prefix_len, model.family)
-    seqs = [Sequence(model.encode(p), model.params(max_new_tokens=30, do_sample=i % 2 == 1, seed=i,
+    batch = DecodeBatch(model.model, model.prefix_len)
+    seqs = [DecodeSequence(model.encode(p), model.params(max_new_tokens=30, do_sample=i % 2 == 1, seed=i,
                                                    repetition_penalty=1.1 if i == 2 else 1.0),
                      TextDeltaDecoder(model.tokenizer)) for i, p in enumerate(prompts)]
     batch.prefill_many(seqs)

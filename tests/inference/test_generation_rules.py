@@ -9,11 +9,13 @@ import torch
 from glmtune_inference.generation import (
     GenerationParams,
     TextDeltaDecoder,
+    apply_answer_penalties,
     apply_repetition_penalty,
     choose_token,
     choose_tokens,
     filter_top_k_top_p,
     sanitize_logits,
+    token_logprobs,
 )
 
 from glmtune.errors import InvalidInputError
@@ -32,7 +34,8 @@ def ids(text: str) -> list[int]:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
-    ("repetition_penalty", 0.0), ("max_length", 0), ("temperature", math.nan),
+    ("repetition_penalty", 0.0), ("max_length", 0), ("temperature", math.nan), ("presence_penalty", 2.5),
+    ("frequency_penalty", -2.5), ("frequency_penalty", math.inf), ("logprobs", 21), ("logprobs", -1),
 ])
 def test_invalid_generation_params_name_the_field(field, value):
     with pytest.raises(InvalidInputError) as err:
@@ -171,3 +174,31 @@ def test_broken_rows_choose_the_safe_token_in_a_batch_without_touching_good_rows
               GenerationParams(temperature=0.95, top_p=0.7)]
     none = [torch.empty(0, dtype=torch.long)] * 4
     assert choose_tokens(logits, params, none, [None, None, None, torch.Generator().manual_seed(0)]) == [5, 42, 7, 5]
+
+
+def test_frequency_penalty_counts_each_occurrence_and_presence_penalty_counts_once():
+    scores = torch.zeros(6)
+    answer = torch.tensor([2, 2, 2, 4])
+    got = apply_answer_penalties(scores, answer, presence=0.5, frequency=0.25)
+    assert got.tolist() == [0.0, 0.0, -1.25, 0.0, -0.75, 0.0]
+    assert apply_answer_penalties(scores, torch.tensor([], dtype=torch.long), 0.5, 0.25).tolist() == [0.0] * 6
+
+
+def test_answer_penalties_steer_greedy_choice_away_from_repeats_but_not_the_prompt():
+    logits = torch.tensor([0.0, 3.0, 2.5, 0.0])
+    params = GenerationParams(do_sample=False, frequency_penalty=1.0)
+    seen = torch.tensor([1, 1])  # the prompt repeats token 1: these penalties ignore it
+    assert choose_token(logits, params, seen, None, answer_ids=torch.tensor([], dtype=torch.long)) == 1
+    assert choose_token(logits, params, seen, None, answer_ids=torch.tensor([1])) == 2
+    negative = GenerationParams(do_sample=False, presence_penalty=-2.0)  # a negative penalty favours repeats
+    assert choose_token(logits, negative, seen, None, answer_ids=torch.tensor([2])) == 2
+
+
+def test_token_logprobs_are_the_models_log_softmax_with_the_best_alternatives():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    got = token_logprobs(logits, [2, 2], [2, 0])
+    expected = logits.log_softmax(-1)
+    assert got[0].token_id == 2 and got[0].logprob == pytest.approx(expected[0, 2].item())
+    assert [t for t, _ in got[0].top] == [1, 2]
+    assert [v for _, v in got[0].top] == pytest.approx(expected[0, [1, 2]].tolist())
+    assert got[1].top == () and got[1].logprob == pytest.approx(expected[1, 2].item())

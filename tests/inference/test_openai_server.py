@@ -114,19 +114,31 @@ def test_models_endpoint_lists_the_served_names(glm):
     assert [m.id for m in client(glm).models.list()] == ["glm"]
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"max_tokens": 65}, ["body", "max_tokens"]),
-    ({"messages": [{"role": "user", "content": "你好" * 400}]}, ["body", "messages"]),
-    ({"n": 2}, ["body", "n"]),
-    ({"temperature": 3}, ["body", "temperature"]),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, ["body", "messages"]),
-    ({"messages": [{"role": "assistant", "content": "a"}]}, ["body", "messages", 0, "role"]),
+@pytest.mark.parametrize(("body", "param"), [
+    ({"max_tokens": 65}, "max_tokens"),
+    ({"max_completion_tokens": 65}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "你好" * 400}]}, "messages"),
+    ({"n": 17}, "n"),
+    ({"temperature": 3}, "temperature"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"seed": -1}, "seed"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "messages[0].role"),
 ])
-def test_out_of_bounds_requests_get_422_naming_the_field(glm, body, field):
+def test_out_of_bounds_requests_get_400_naming_the_field(glm, body, param):
+    """OpenAI's own error shape: the official client raises BadRequestError with `param` set."""
     request = {"model": "glm", "messages": [{"role": "user", "content": "你好"}], **body}
-    reply = httpx.post(f"{glm.url}/v1/chat/completions", json=request, timeout=30)
-    assert reply.status_code == 422
-    assert any(d["loc"][: len(field)] == field for d in reply.json()["detail"]), reply.json()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(glm).chat.completions.create(**request)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param, caught.value.body
+    assert caught.value.body["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("name", ["nope", "/etc/passwd", "../../glm", "s3://bucket/model"])

@@ -28,6 +28,9 @@ class SlowForward(torch.nn.Module):
         time.sleep(0.01)
         return self.inner(*args, **kwargs)
 
+    def decode_position_ids(self, *args):
+        return self.inner.decode_position_ids(*args)
+
 
 @pytest.fixture(scope="module")
 def base_v2(exports, served):

@@ -30,16 +30,22 @@ class Slowed(torch.nn.Module):
         time.sleep(self.delay)
         return self.inner(*args, **kwargs)
 
+    def decode_position_ids(self, *args):
+        return self.inner.decode_position_ids(*args)
+
 
 class OutOfMemory(torch.nn.Module):
     """A model whose every forward fails as a GPU out of memory would."""
 
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
-        self.config = inner.config
+        self.inner, self.config = inner, inner.config
 
     def forward(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def decode_position_ids(self, *args):
+        return self.inner.decode_position_ids(*args)
 
 
 @pytest.fixture(scope="module")

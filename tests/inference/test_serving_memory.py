@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from glmtune_inference.batching import DecodeBatch, Sequence
+from glmtune_inference.batching import DecodeBatch, DecodeSequence
 from glmtune_inference.generation import TextDeltaDecoder
 from glmtune_inference.memory import batch_need, kv_bytes_per_token, request_tokens
 
@@ -39,8 +39,8 @@ def test_kv_bytes_per_token_follow_layers_kv_heads_head_dim_and_dtype(base_v2: d
 
 def test_finished_requests_leave_the_cache_and_free_their_rows(base_v2: dict) -> None:
     served = base_v2["base"]
-    batch = DecodeBatch(served.model, served.prefix_len, served.family)
-    seqs = [Sequence(served.encode("你好"), served.params(max_new_tokens=n, do_sample=False),
+    batch = DecodeBatch(served.model, served.prefix_len)
+    seqs = [DecodeSequence(served.encode("你好"), served.params(max_new_tokens=n, do_sample=False),
                      TextDeltaDecoder(served.tokenizer)) for n in (2, 4, 30)]
     batch.prefill_many(seqs)
     assert batch._cache.layers[0].keys.shape[0] == 3

@@ -29,7 +29,10 @@ CASES = [  # (query, history, system)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tiny-templates")
-    return {family: load_tokenizer(train_tiny_tokenizer(family, root / family)) for family in templates.TEMPLATES}
+    from glmtune.tokenization.glm4 import train_tiny_glm4_tokenizer
+
+    return {family: load_tokenizer(train_tiny_glm4_tokenizer(root / family) if family == "glm4"
+                                   else train_tiny_tokenizer(family, root / family)) for family in templates.TEMPLATES}
 
 
 def _cases(name: str) -> dict:
@@ -137,6 +140,8 @@ def test_answers_end_with_the_end_token_and_decode_back(tiny: dict, template: st
     assert ids[-1] == tok.eos_token_id
     if template == "v3":
         assert ids[:-1] == tok.encode("\n", add_special_tokens=False) + tok.encode(answer, add_special_tokens=False)
+    elif template == "glm4":  # the metadata line and the content in one piece, as the rendered text encodes
+        assert ids[:-1] == tok.encode("\n" + answer, add_special_tokens=False)
     else:
         assert ids[:-1] == tok.encode(answer, add_special_tokens=False)
     assert templates.decode_answer(tok, template, ids + [5, 6, 7]) == answer
@@ -166,9 +171,9 @@ def test_v3_stops_on_eos_user_and_observation(tiny: dict) -> None:
 
 
 def test_template_for_family_and_unknown_names() -> None:
-    assert [templates.template_for_family(f) for f in ("v1", "v2", "v3")] == ["v1", "v2", "v3"]
+    assert [templates.template_for_family(f) for f in ("v1", "v2", "v3", "glm4")] == ["v1", "v2", "v3", "glm4"]
     with pytest.raises(InvalidInputError, match="unknown model family"):
-        templates.template_for_family("glm4")
+        templates.template_for_family("glm5")
     with pytest.raises(InvalidInputError, match="unknown chat template"):
         templates.render_prompt("chatml", QUERY)
 
@@ -179,3 +184,85 @@ def test_templates_and_the_tokenization_package_import_without_heavy_libraries()
             "print(*bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_v3_tool_conversation_follows_chatglm3_build_single_message(tmp_path: Path) -> None:
+    """ChatGLM3's own rules: each message is <|role|> + encode(f"{metadata}\\n") + encode(content); the tools go
+    into a system message as indented JSON after its preamble; a call's metadata is the tool's name."""
+    real = require_shared("reference", "vectors", "tokenizers", "chatglm2")
+    (tmp_path / "v3").mkdir()
+    shutil.copy(real / "tokenizer.model", tmp_path / "v3" / "tokenizer.model")
+    (tmp_path / "v3" / "tokenizer_config.json").write_text('{"family": "v3"}')
+    tok = load_tokenizer(tmp_path / "v3")
+    tool = {"name": "get_weather", "description": "天气", "parameters": {"type": "object"}}
+    system = ("Answer the following questions as best as you can. You have access to the following tools:\n"
+              + json.dumps([tool], indent=4, ensure_ascii=False))
+    call = "```python\ntool_call(city='北京', days=2)\n```"
+    messages = [templates.Message("system", templates.tools_system_text([tool])),
+                templates.Message("user", "北京天气"),
+                templates.Message("assistant", templates.tool_call_text({"city": "北京", "days": 2}),
+                                  metadata="get_weather"),
+                templates.Message("observation", '{"temperature": 20}')]
+
+    def message(role: str, metadata: str, text: str) -> list[int]:
+        return ([tok.get_command(f"<|{role}|>")] + tok.encode(f"{metadata}\n", add_special_tokens=False)
+                + tok.encode(text, add_special_tokens=False))
+
+    expected = ([64790, 64792] + message("system", "", system) + message("user", "", "北京天气")
+                + message("assistant", "get_weather", call) + message("observation", "", '{"temperature": 20}')
+                + [tok.get_command("<|assistant|>")])
+    assert templates.encode_messages(tok, "v3", messages) == expected
+    forced = templates.encode_messages(tok, "v3", messages[:2], answer_metadata="get_weather")
+    assert forced[-len(tok.encode("get_weather\n", add_special_tokens=False)) - 1:] == (
+        [tok.get_command("<|assistant|>")] + tok.encode("get_weather\n", add_special_tokens=False))
+
+
+def test_a_tool_call_is_written_and_read_back(tiny: dict) -> None:
+    arguments = {"city": "北京", "days": 2, "units": None, "tags": ["a", "b"]}
+    text = templates.tool_call_text(arguments)
+    call = templates.parse_tool_call("get_weather", text)
+    assert call.name == "get_weather" and json.loads(call.arguments) == arguments
+    tok = tiny["v3"]
+    ids = templates.encode_tool_call(tok, "v3", "get_weather", arguments)
+    assert ids[-1] == tok.get_command("<|observation|>")
+    metadata, content = templates.split_v3_answer(tok.decode(ids[:-1], skip_special_tokens=True))
+    assert metadata == "get_weather" and templates.parse_tool_call(metadata, content) == call
+
+
+@pytest.mark.parametrize(("content", "arguments"), [
+    ('{"city": "北京"}', '{"city": "北京"}'),
+    ('```json\n{"city": "北京"}\n```', '{"city": "北京"}'),
+    ("```python\ntool_call(city=__import__('os').getcwd())\n```", "tool_call(city=__import__('os').getcwd())"),
+    ("```python\nprint('hi')\n```", "print('hi')"),
+    ("tool_call('positional')", "tool_call('positional')"),
+    ("not code at all", "not code at all"),
+])
+def test_tool_call_arguments_are_parsed_never_evaluated(content: str, arguments: str) -> None:
+    """Literals only: anything else is handed on as the arguments text (as OpenAI does with arguments a model
+    got wrong), never run."""
+    assert templates.parse_tool_call("f", content).arguments == arguments
+
+
+def test_split_v3_answer_waits_for_the_metadata_line() -> None:
+    assert templates.split_v3_answer("get_wea") is None
+    assert templates.split_v3_answer("\n 你好") == ("", "你好")
+    assert templates.split_v3_answer("get_weather\n```python") == ("get_weather", "```python")
+
+
+@pytest.mark.parametrize("template", templates.TEMPLATES)
+def test_raw_prompts_get_the_generation_tokens_where_the_family_wants_them(tiny: dict, template: str) -> None:
+    tok = tiny[template]
+    gmask_sop = [tok.get_command("[gMASK]"), tok.get_command("sop")]
+    body = tok.encode("Hello", add_special_tokens=False)
+    expected = body + gmask_sop if template == "v1" else gmask_sop + body
+    assert templates.encode_raw(tok, template, "Hello") == expected
+    if template != "v3":  # v1/v2 chat prompts are raw prompts of the rendered text
+        assert templates.encode_raw(tok, template, templates.render_prompt(template, QUERY)) == (
+            templates.encode_prompt(tok, template, QUERY).ids)
+
+
+@pytest.mark.parametrize("template", ["v1", "v2"])
+def test_tool_messages_need_the_v3_template(tiny: dict, template: str) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        templates.encode_messages(tiny[template], template, [templates.Message("user", "hi")])
+    assert err.value.where == "template"

@@ -26,10 +26,13 @@ import torch
 from glmtune import storage
 from glmtune.errors import InvalidInputError
 from glmtune.export_format import BUNDLED_BASE, ExportInfo, write_export_info
-from glmtune_trainer.checkpoint import RUN_FILE, WEIGHTS_FILE, load_weights
+from glmtune.fingerprint import FINGERPRINT_FILE, base_fingerprint, cached_file_digests, check_base_match
+from glmtune_trainer.checkpoint import RUN_FILE, STATE_FILE, WEIGHTS_FILE, load_weights
+from glmtune_trainer.loop import LoopState
 from glmtune_trainer.methods import PREFIX_KEY, apply_method, load_overrides
 
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "ice_text.model", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "ice_text.model", "tokenizer.model",
+                   "tokenizer.json")
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 MODES = ("merged", "adapter")
 
@@ -97,6 +100,36 @@ def _copy_tokenizer(base: Path, out: Path) -> None:
             shutil.copy2(base / name, out / name)
 
 
+def _came_as_hf(run: dict[str, Any]) -> bool:
+    """Whether the run's GLM-4 base came in the ``-hf`` layout (trained on its remote-code copy)."""
+    if run["family"] != "glm4":
+        return False
+    from glmtune.modeling.glm4 import HF
+    from glmtune.modeling.glm4_checkpoint import source_layout
+
+    return source_layout(run["base_model"]) == HF
+
+
+def _hf_source(run: dict[str, Any]) -> Path | None:
+    """The ``-hf`` GLM-4 folder a run's remote-code base was converted from (None: not converted)."""
+    if not _came_as_hf(run):
+        return None
+    from glmtune.modeling.glm4_checkpoint import SOURCE_LAYOUT_FILE
+
+    source = storage.read_json_object(Path(run["base_model"]) / SOURCE_LAYOUT_FILE).get("source")
+    return Path(source) if isinstance(source, str) and Path(source).is_dir() else None
+
+
+def _save_hf(model: torch.nn.Module, base: Path, out: Path) -> None:
+    """A merged/full GLM-4 export back in the ``-hf`` layout it came in (GlmForCausalLM weights and config,
+    tokenizer.json with a plain PreTrainedTokenizerFast config)."""
+    from glmtune.modeling.glm4 import HF
+    from glmtune.modeling.glm4_checkpoint import save_glm4
+    from glmtune.tokenization import load_tokenizer
+
+    save_glm4(model, out, HF, tokenizer=load_tokenizer(base))
+
+
 def _write_prefix(model: torch.nn.Module, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -117,14 +150,53 @@ def base_reference(run: dict[str, Any], out: Path, remote_export: bool) -> str:
     local = Path(base_uri.removeprefix("file://")).resolve()
     if not remote_export:
         return str(local)
-    shutil.copytree(run["base_model"], out / BUNDLED_BASE,
-                    ignore=shutil.ignore_patterns(storage.MANIFEST_NAME, ".*"))
+    bundle = out / BUNDLED_BASE
+    shutil.copytree(run["base_model"], bundle, ignore=shutil.ignore_patterns(storage.MANIFEST_NAME, FINGERPRINT_FILE, ".*"))
+    # A fresh fingerprint cache for the copy (from the digests the base's own cache vouches for), listed in the
+    # export's manifest: the operator reads it from S3 without the weights.
+    base_fingerprint(bundle, known_sha256=cached_file_digests(run["base_model"]))
     return BUNDLED_BASE
 
 
-def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, remote_export: bool = False) -> str:
+def checked_base_fingerprint(checkpoint_dir: Path, run: dict[str, Any], allow_mismatch: bool = False) -> str:
+    """The fingerprint of the base the run was trained over, after checking that `run["base_model"]` still holds
+    that base (a folder replaced since, or a checkpoint moved to a machine where the path names another model,
+    would merge the trained delta into the wrong weights). Runs from before fingerprints are not checked."""
+    current = base_fingerprint(run["base_model"])
+    recorded = run.get("base_fingerprint")
+    check_base_match(recorded, current, export_where=str(checkpoint_dir / RUN_FILE), base_where=str(run["base_model"]),
+                     allow_mismatch=allow_mismatch)
+    return recorded or current
+
+
+def checkpoint_metrics(checkpoint_dir: Path) -> dict[str, float]:
+    """The run's figures at this checkpoint (held-out eval_loss, perplexity, bleu4, rouge_l; train_loss)."""
+    path = checkpoint_dir / STATE_FILE
+    return LoopState.from_json(storage.read_json_object(path)).run_metrics() if path.is_file() else {}
+
+
+def tokenizer_facts(out: Path) -> tuple[dict[str, str], int | None, int | None]:
+    """sha256 of each tokenizer file in `out`, and the end / padding token ids the tokenizer gives."""
+    from glmtune.tokenization import load_tokenizer
+
+    digests = {name: storage.file_sha256(out / name) for name in TOKENIZER_FILES if (out / name).is_file()}
+    if not digests:
+        return {}, None, None
+    tokenizer = load_tokenizer(out)
+    return digests, _token_id(tokenizer, "eos_token_id"), _token_id(tokenizer, "pad_token_id")
+
+
+def _token_id(tokenizer: Any, name: str) -> int | None:
+    value = getattr(tokenizer, name, None)
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, remote_export: bool = False,
+                 allow_base_mismatch: bool = False) -> str:
     """Write the export files into the (empty) directory `out`; returns the kind. `remote_export` says `out` will
-    be uploaded (a local base is then bundled inside)."""
+    be uploaded (a local base is then bundled inside); `allow_base_mismatch` rebuilds over a base whose
+    fingerprint differs from the one the run recorded (a warning instead of an error)."""
+    import glmtune
     from glmtune.modeling import save_pretrained
 
     run = read_run(checkpoint_dir)
@@ -132,9 +204,14 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, r
     kind = export_kind(method, mode)
     if bits is not None and kind not in ("merged", "full"):
         raise InvalidInputError(f"re-quantization applies to merged or full exports, not {kind!r}", where="bits")
+    fingerprint = checked_base_fingerprint(checkpoint_dir, run, allow_base_mismatch)
     model = rebuild_trained_model(checkpoint_dir, run, merge=kind in ("merged", "full"))
     base = Path(run["base_model"])
     base_ref = base_reference(run, out, remote_export) if kind in ("adapter", "prefix") else None
+    hf_source = _hf_source(run) if base_ref not in (None, BUNDLED_BASE) else None
+    if hf_source is not None:
+        # the export names the -hf base the run was given, not the remote-code copy it trained on: vouch for that
+        fingerprint = base_fingerprint(hf_source)
     if kind == "adapter":
         model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(str(out), safe_serialization=True)
@@ -145,8 +222,13 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, r
             model = model.merge_and_unload()
         if bits:
             model.quantize(bits)
-        save_pretrained(model, out)
-    _copy_tokenizer(base, out)
+        if not bits and _came_as_hf(run):
+            _save_hf(model, base, out)
+        else:  # the int8/int4 format exists in the remote-code layout only
+            save_pretrained(model, out)
+    if not (out / "tokenizer_config.json").is_file():
+        _copy_tokenizer(base, out)
+    tokenizer_sha256, eos_id, pad_id = tokenizer_facts(out)
     quant_bits, backend = bits or 0, "glmtune"
     if kind in ("adapter", "prefix"):
         quant_bits = int(run.get("quantization_bits") or 0)
@@ -159,31 +241,39 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, r
         prefix_projection=bool(run["method"].get("ptv2", {}).get("prefix_projection")) if kind == "prefix" else False,
         quantization_bit=quant_bits, quantization_backend=backend,
         run={"spec_name": run.get("spec_name"), "steps": run.get("step", 0)},
+        metrics=checkpoint_metrics(checkpoint_dir), base_fingerprint=fingerprint, tokenizer_sha256=tokenizer_sha256,
+        eos_token_id=eos_id, pad_token_id=pad_id, glmtune_version=glmtune.__version__,
     )
     write_export_info(out, info)
+    # Before the manifest, which then lists report.html: the report travels with the export (S3 too).
+    from glmtune_trainer.report import REPORT_FILE, run_workdir, write_report
+
+    write_report(run_workdir(checkpoint_dir), out / REPORT_FILE, checkpoint_dir=checkpoint_dir, export_dir=out)
     return kind
 
 
 def export(checkpoint_dir: str | os.PathLike[str], out_uri: str, mode: str = "merged",
-           bits: int | None = None) -> ExportResult:
+           bits: int | None = None, allow_base_mismatch: bool = False) -> ExportResult:
     """Export `checkpoint_dir` (local or `s3://`) to `out_uri` (local directory or `s3://` prefix).
 
     A local export appears under its final name only when complete (manifest included); an `s3://`
-    export uploads the manifest last, and a retried upload skips files already there.
+    export uploads the manifest last, and a retried upload skips files already there. The base the checkpoint
+    names must be the one it was trained over (same fingerprint) unless `allow_base_mismatch`.
     """
     source = storage.fetch(checkpoint_dir, require_manifest=storage.is_s3_uri(str(checkpoint_dir)))
     if storage.is_s3_uri(out_uri):
         with tempfile.TemporaryDirectory(prefix="glmtune-export-") as tmp:
             staging = Path(tmp) / "export"
             staging.mkdir()
-            kind = write_export(Path(source), staging, mode, bits, remote_export=True)
+            kind = write_export(Path(source), staging, mode, bits, remote_export=True,
+                                allow_base_mismatch=allow_base_mismatch)
             result = storage.upload_dir(staging, out_uri)
             return ExportResult(uri=out_uri, kind=kind, files=sorted(result["manifest"]["files"]))
     target = Path(out_uri.removeprefix("file://"))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.exporting-", dir=target.parent))
     try:
-        kind = write_export(Path(source), staging, mode, bits)
+        kind = write_export(Path(source), staging, mode, bits, allow_base_mismatch=allow_base_mismatch)
         manifest = storage.write_manifest(staging)
         storage.publish_dir(staging, target)
     finally:
