@@ -8,6 +8,9 @@ bash scripts/setup_env.sh
 bash scripts/get_helm.sh >/dev/null
 # Debian's chromium (+ a CJK font) for the chat page / report tests in a real headless browser.
 bash scripts/get_chromium.sh
+# llama.cpp (llama-cpp-python built from its sdist into .venv-llamacpp) for the GGUF export test: ~13 min the
+# first time on 2 busy cores, cached after.
+bash scripts/get_llamacpp.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export GLMTUNE_SHARED="${GLMTUNE_SHARED:-$root/../shared}"
 .venv/bin/ruff check .

@@ -114,6 +114,16 @@ def test_merge_export_refuses_a_base_replaced_since_training_unless_allowed(make
     assert not (tmp_path / "merged").exists()
     forced = export(result.checkpoint_dir, str(tmp_path / "merged"), allow_base_mismatch=True)
     assert read_export_info(forced.uri).base_fingerprint == trained_over
+    # The command line: refused with exit 2 naming both, then forced by the flag (glmtune and GGUF formats).
+    from glmtune_app.cli import main
+
+    ckpt = str(result.checkpoint_dir)
+    assert main(["export", ckpt, str(tmp_path / "cli")]) == 2
+    assert main(["export", ckpt, str(tmp_path / "cli"), "--allow-base-mismatch"]) == 0
+    assert main(["export", ckpt, str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "f32"]) == 2
+    assert main(["export", ckpt, str(tmp_path / "m.gguf"), "--format", "gguf", "--gguf-type", "f32",
+                 "--allow-base-mismatch"]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 0
 
 
 def test_a_checkpoint_from_before_fingerprints_still_exports(make_spec, tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a checkpoint as merged weights in the original ChatGLM format, or as an adapter "
                     "(LoRA in peft format; ptv2 always exports its prefix encoder), to a directory or s3:// prefix.",
     )
-    export.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a step-N checkpoint directory or s3:// URI")
+    export.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                        help="a step-N checkpoint directory or s3:// URI (with --format gguf also a model folder "
+                             "or export)")
     export.add_argument("out", metavar="OUT_URI", help="output directory or s3://bucket/prefix")
     mode = export.add_mutually_exclusive_group()
     mode.add_argument("--merge", dest="mode", action="store_const", const="merged",
@@ -30,6 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
                       help="write only the adapter (peft format), applied over the base model")
     export.add_argument("--bits", type=int, choices=(8, 4), help="re-quantize merged/full weights to int8/int4")
+    export.add_argument("--format", dest="export_format", choices=("glmtune", "gguf"), default="glmtune",
+                        help="glmtune: the original ChatGLM layout (default); gguf: one file OUT for llama.cpp "
+                             "(ChatGLM2/3 only; a checkpoint is merged first; also reads model folders and exports)")
+    export.add_argument("--gguf-type", choices=("f32", "f16", "q8_0", "q4_0"),
+                        help="tensor type of a --format gguf file (default f16)")
+    export.add_argument("--allow-base-mismatch", action="store_true",
+                        help="export even when the base the checkpoint names is not the one it was trained over "
+                             "(its fingerprint differs; refused by default)")
     export.set_defaults(func=run_export, mode="merged")
 
 
@@ -80,8 +90,22 @@ def _train_argv(args: argparse.Namespace) -> list[str]:
 
 def run_export(args: argparse.Namespace) -> int:
     """Handler of `glmtune export`."""
+    from glmtune.errors import InvalidInputError
+
+    if getattr(args, "export_format", "glmtune") == "gguf":
+        if args.mode != "merged" or args.bits is not None:
+            raise InvalidInputError("a GGUF export is merged weights in its own tensor type: use --gguf-type "
+                                    "instead of --adapter-only/--bits", where="--format gguf")
+        from glmtune_trainer.gguf_export import export_gguf
+
+        written = export_gguf(args.checkpoint, args.out, args.gguf_type or "f16",
+                              allow_base_mismatch=args.allow_base_mismatch)
+        print(f"exported (gguf {written.gguf_type}): {written.path}")
+        return 0
+    if getattr(args, "gguf_type", None) is not None:
+        raise InvalidInputError("--gguf-type applies to --format gguf only", where="--gguf-type")
     from glmtune_trainer.export import export
 
-    result = export(args.checkpoint, args.out, args.mode, args.bits)
+    result = export(args.checkpoint, args.out, args.mode, args.bits, allow_base_mismatch=args.allow_base_mismatch)
     print(f"exported ({result.kind}): {result.uri}")
     return 0

@@ -1,0 +1,234 @@
+"""Full-size ChatGLM2-6B CPU decoding: glmtune bf16 / int8 / int4 vs llama.cpp f16 / q8_0 / q4_0 (issue #12).
+
+Same run, same random weights (bench/fullsize.py's chatglm2-6b), batch 1, `--threads` threads. llama.cpp runs the
+GGUF files that `glmtune export --format gguf` writes from that checkpoint (cached next to it, re-exported when
+the checkpoint or the exporter changes), through llama-cpp-python built from its sdist (scripts/get_llamacpp.sh,
+its own venv). Each measurement is a child process (its own peak RSS): load (+ one warm-up token, so lazily
+mapped weights are resident), time to first token of a `--prompt`-token prompt, then greedy decode tokens/s.
+Targets: each glmtune mode >= 0.7x its llama.cpp counterpart's tokens/s and peak RSS <= 1.3x. Run it alone:
+
+    flock /tmp/glmtune-fullsize.lock .venv/bin/python bench/bench_fullsize_decode.py
+    ... --only glmtune-int4 --only llamacpp-q4_0 --no-record     # one pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from results import add_worker_arguments, record
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LLAMACPP_PYTHON = Path(os.environ.get("GLMTUNE_LLAMACPP_PYTHON", REPO_ROOT / ".venv-llamacpp" / "bin" / "python"))
+PAIRS = (("bf16", "f16"), ("int8", "q8_0"), ("int4", "q4_0"))
+TARGET_SPEED, TARGET_RSS = 0.7, 1.3
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(length: int) -> list[int]:
+    """[gMASK] sop + fixed pseudo-random text ids: the same prompt for every engine."""
+    import random
+
+    rng = random.Random(1)
+    return [64790, 64792] + [rng.randrange(100, 60000) for _ in range(length - 2)]
+
+
+def gguf_path(args: argparse.Namespace, gguf_type: str) -> Path:
+    return Path(args.checkpoint).parent / "gguf" / f"{Path(args.checkpoint).name}-{gguf_type}.gguf"
+
+
+def export_identity(args: argparse.Namespace) -> str:
+    """What a cached GGUF was made from: the checkpoint's identity marker and the exporter's source."""
+    marker = Path(args.checkpoint) / ".glmtune-bench.json"
+    exporter = REPO_ROOT / "trainer" / "glmtune_trainer" / "gguf_export.py"
+    data = (marker.read_bytes() if marker.is_file() else b"") + exporter.read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_export(args: argparse.Namespace, gguf_type: str) -> dict:
+    """`glmtune export --format gguf` of the checkpoint (time, peak RSS, size)."""
+    from glmtune_trainer.gguf_export import export_gguf
+
+    target = gguf_path(args, gguf_type)
+    start = time.perf_counter()
+    export_gguf(args.checkpoint, target, gguf_type)
+    seconds = time.perf_counter() - start
+    target.with_suffix(".identity").write_text(export_identity(args), encoding="utf-8")
+    return {"export_s": seconds, "gguf_gib": target.stat().st_size / 2**30, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_glmtune(args: argparse.Namespace, bits: int) -> dict:
+    """glmtune.load_model (bf16, quantized at load for int8/int4) then TTFT and greedy decode with the KV cache."""
+    import torch
+
+    import glmtune
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = glmtune.load_model(args.checkpoint, dtype="bfloat16", quantization_bit=bits or None).eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[64790]]))  # warm-up token: every weight touched once
+        load = time.perf_counter() - start
+        ids = torch.tensor([prompt_ids(args.prompt)])
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ttft = time.perf_counter() - start
+        past, tokens = out.past_key_values, [int(token)]
+        start = time.perf_counter()
+        for _ in range(args.new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+        decode = time.perf_counter() - start
+    return {"load_s": load, "ttft_s": ttft, "tokens_per_s": args.new_tokens / decode, "tokens": tokens,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+def run_llamacpp(args: argparse.Namespace, gguf_type: str) -> dict:
+    """llama.cpp (llama-cpp-python) on the exported GGUF: the same measurements, greedy from the raw logits."""
+    import llama_cpp
+    import numpy as np
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf_path(args, gguf_type)), n_ctx=args.prompt + args.new_tokens + 8,
+                          n_batch=args.prompt, n_ubatch=args.prompt, n_threads=args.threads,
+                          n_threads_batch=args.threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        return int(np.argmax(logits))
+
+    llm.eval([64790])  # warm-up token: mapped weights paged in, as glmtune's are after loading
+    load = time.perf_counter() - start
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt_ids(args.prompt))
+    token = next_token()
+    ttft = time.perf_counter() - start
+    tokens = [token]
+    start = time.perf_counter()
+    for _ in range(args.new_tokens):
+        llm.eval([token])
+        token = next_token()
+        tokens.append(token)
+    decode = time.perf_counter() - start
+    return {"load_s": load, "ttft_s": ttft, "tokens_per_s": args.new_tokens / decode, "tokens": tokens,
+            "peak_rss_mib": peak_rss_mib()}
+
+
+WORKERS = {
+    **{f"export-{q}": partial(run_export, gguf_type=q) for _, q in PAIRS},
+    **{f"glmtune-{m}": partial(run_glmtune, bits={"bf16": 0, "int8": 8, "int4": 4}[m]) for m, _ in PAIRS},
+    **{f"llamacpp-{q}": partial(run_llamacpp, gguf_type=q) for _, q in PAIRS},
+}
+
+
+def plan(args: argparse.Namespace) -> list[str]:
+    """Measurements in pair order (each GGUF exported just before llama.cpp needs it; cached ones skipped)."""
+    wanted = args.only or [w for m, q in PAIRS for w in (f"llamacpp-{q}", f"glmtune-{m}")]
+    names: list[str] = []
+    for name in wanted:
+        if name.startswith("llamacpp-"):
+            gguf_type = name.removeprefix("llamacpp-")
+            identity = gguf_path(args, gguf_type).with_suffix(".identity")
+            fresh = identity.is_file() and identity.read_text(encoding="utf-8") == export_identity(args)
+            if not (fresh and gguf_path(args, gguf_type).is_file()) and f"export-{gguf_type}" not in names:
+                names.append(f"export-{gguf_type}")
+        names.append(name)
+    return names
+
+
+def run_child(args: argparse.Namespace, name: str, forwarded: list[str]) -> dict:
+    python = str(LLAMACPP_PYTHON) if name.startswith("llamacpp-") else sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "trainer"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([python, __file__, *forwarded, "--checkpoint", args.checkpoint, "--worker", name],
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"{name} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(args: argparse.Namespace, results: dict) -> str:
+    out = [f"ChatGLM2-6B at full size (random weights, bench/fullsize.py), batch 1, {args.threads} threads, prompt "
+           f"{args.prompt} tokens, {args.new_tokens} decoded tokens timed; llama.cpp = llama-cpp-python "
+           f"(built from sdist) on the GGUF glmtune exports. Load includes one warm-up token.", ""]
+    exports = {k.removeprefix("export-"): v for k, v in results.items() if k.startswith("export-")}
+    if exports:
+        out += ["| GGUF export | seconds | GiB | peak RSS MiB |", "|---|---|---|---|"]
+        out += [f"| {q} | {r['export_s']:.0f} | {r['gguf_gib']:.2f} | {r['peak_rss_mib']:.0f} |"
+                for q, r in exports.items()] + [""]
+    out += ["| engine / mode | load s | TTFT s | decode tokens/s | peak RSS MiB | speed vs llama.cpp "
+            "| RSS vs llama.cpp |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for mode, gguf_type in PAIRS:
+        ours, theirs = results.get(f"glmtune-{mode}"), results.get(f"llamacpp-{gguf_type}")
+        for label, r in ((f"llama.cpp {gguf_type}", theirs), (f"glmtune {mode}", ours)):
+            if r is None:
+                continue
+            ratio = ["", ""]
+            if r is ours and theirs is not None:
+                speed, rss = r["tokens_per_s"] / theirs["tokens_per_s"], r["peak_rss_mib"] / theirs["peak_rss_mib"]
+                ratio = [f"{speed:.2f}x", f"{rss:.2f}x"]
+                verdicts.append(f"{mode}: speed {'met' if speed >= TARGET_SPEED else 'MISSED'} ({speed:.2f}x, "
+                                f"target >= {TARGET_SPEED}x), RSS {'met' if rss <= TARGET_RSS else 'MISSED'} "
+                                f"({rss:.2f}x, target <= {TARGET_RSS}x)")
+            out.append(f"| {label} | {r['load_s']:.1f} | {r['ttft_s']:.1f} | {r['tokens_per_s']:.2f} "
+                       f"| {r['peak_rss_mib']:.0f} | {ratio[0]} | {ratio[1]} |")
+    return "\n".join(out + ([""] + verdicts if verdicts else []))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (time to first token)")
+    parser.add_argument("--new-tokens", type=int, default=8, help="decoded tokens timed after the first")
+    parser.add_argument("--checkpoint", help="a ChatGLM2 checkpoint folder (default: bench/fullsize.py's chatglm2-6b)")
+    add_worker_arguments(parser, WORKERS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return 0
+    if not LLAMACPP_PYTHON.is_file():
+        raise SystemExit(f"{LLAMACPP_PYTHON} is absent: run scripts/get_llamacpp.sh first")
+    if not args.checkpoint:
+        from fullsize import write_layout
+
+        args.checkpoint = str(write_layout("chatglm2-6b"))
+    raw = argv if argv is not None else sys.argv[1:]
+    forwarded = [a for a in raw if a not in ("--no-record",)]
+    forwarded = [a for i, a in enumerate(forwarded)
+                 if a != "--checkpoint" and (i == 0 or forwarded[i - 1] != "--checkpoint")]
+    gguf_path(args, "f16").parent.mkdir(parents=True, exist_ok=True)
+    results, began = {}, time.perf_counter()
+    for name in plan(args):
+        results[name] = run_child(args, name, forwarded)
+        shown = {k: v for k, v in results[name].items() if k != "tokens"}
+        print(f"{name}: {shown} ({time.perf_counter() - began:.0f} s so far)", flush=True)
+    text = report(args, results)
+    print("\n" + text)
+    if not args.no_record:
+        record("bench_fullsize_decode.py", text + f"\n\nwhole run {time.perf_counter() - began:.0f} s", raw)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
