@@ -46,19 +46,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((high, low), dim=-1).flatten(-2)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+# Rows quantized at a time: every temporary stays a few MB, so the allocator reuses memory it already has
+# instead of faulting in fresh pages for whole-weight temporaries (that made quantize-at-load 2.4x slower).
+QUANTIZE_ROWS = 256
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, packed for int4; fp16 per-row scale) exactly as the original QuantizedLinear computes them.
 
-    The division happens in the weight's dtype (fp16 for an fp16 model, as the original checkpoints were made);
-    an all-zero row gets scale 0 and zero weights instead of the original's NaN.
+    The division happens in the weight's dtype (fp16 for an fp16 model, as the original checkpoints were made),
+    or in `dtype` when given (the weight converted first, block by block); an all-zero row gets scale 0 and
+    zero weights instead of the original's NaN. Rows are processed `QUANTIZE_ROWS` at a time.
     """
     _check_bits(bits)
-    scale = (weight.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+    dtype = dtype or weight.dtype
+    rows, cols = weight.shape
+    blocks = [(start, min(start + QUANTIZE_ROWS, rows)) for start in range(0, rows, QUANTIZE_ROWS)]
+    absmax = torch.empty(rows, dtype=dtype, device=weight.device)
+    for start, end in blocks:
+        torch.amax(weight[start:end].to(dtype).abs(), dim=-1, out=absmax[start:end])
+    scale = (absmax / (2 ** (bits - 1) - 1)).half()
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    values = torch.round(weight / safe[:, None]).to(torch.int8)
-    if bits == 4:
-        values = pack_int4(values)
-    return values, scale
+    if bits == 4 and cols % 2:
+        raise InvalidInputError(f"int4 packing needs an even input width, got {cols}")
+    qweight = torch.empty(rows, cols // 2 if bits == 4 else cols, dtype=torch.int8, device=weight.device)
+    for start, end in blocks:
+        values = torch.round(weight[start:end].to(dtype) / safe[start:end, None]).to(torch.int8)
+        qweight[start:end] = pack_int4(values) if bits == 4 else values
+    return qweight, scale
 
 
 def dequantize_weight(
@@ -70,10 +85,17 @@ def dequantize_weight(
         fused = cuda_dequantize(qweight, scale, bits, dtype)
         if fused is not None:
             return fused
-    values = unpack_int4(qweight) if bits == 4 else qweight
-    if dtype == torch.float16:
-        return values.to(torch.float16) * scale.to(torch.float16)[:, None]
-    return (values.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+    # fp16: an fp16 product of exact fp16 operands (the original's); otherwise an fp32 product rounded once.
+    # Blocks of rows keep the unpacked and fp32 temporaries small (3x less CPU per call than whole-weight ones,
+    # which a training step pays twice per layer).
+    compute = torch.float16 if dtype == torch.float16 else torch.float32
+    factors = scale.to(compute)[:, None]
+    out = torch.empty(qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1), dtype=dtype, device=qweight.device)
+    for start in range(0, qweight.shape[0], QUANTIZE_ROWS):
+        block = qweight[start:start + QUANTIZE_ROWS]
+        values = unpack_int4(block) if bits == 4 else block
+        out[start:start + QUANTIZE_ROWS] = values.to(compute) * factors[start:start + QUANTIZE_ROWS]
+    return out
 
 
 class _DequantLinear(torch.autograd.Function):

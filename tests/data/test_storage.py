@@ -109,13 +109,14 @@ def test_missing_prefix_and_local_path_are_named(s3_bucket: str, tmp_path: Path)
 _SLOW_FETCH = """
 import sys, time
 from glmtune import storage
-real = storage.download_prefix
-def slow(uri, local_dir):
+from glmtune.storage import download
+real = download.download_prefix
+def slow(uri, local_dir, **kwargs):
     with open(sys.argv[2], "a") as log:
         log.write("download\\n")
     time.sleep(1.0)  # both fetchers are past the cache check before the first download ends
-    return real(uri, local_dir)
-storage.download_prefix = slow
+    return real(uri, local_dir, **kwargs)
+download.download_prefix = slow
 print(storage.fetch(sys.argv[1], require_manifest=True))
 """
 
@@ -247,7 +248,7 @@ def test_publish_replaces_a_folder_that_readers_never_find_missing_or_partial(tm
 def test_publish_without_an_atomic_swap_puts_the_old_folder_back_when_the_new_one_cannot_move_in(
         tmp_path: Path, monkeypatch) -> None:
     # An exchange flag the kernel rejects (EINVAL) sends publish_dir down its rename-aside path.
-    monkeypatch.setattr(storage, "_RENAME_EXCHANGE", 1 << 20)
+    monkeypatch.setattr(storage.files, "_RENAME_EXCHANGE", 1 << 20)
     target = _version(tmp_path / "out", "old")
     staging = _version(tmp_path / "new", "new")
     real_replace = os.replace

@@ -276,3 +276,23 @@ def test_weight_files_are_prefetched_and_converted_ones_dropped_from_the_cache(
     assert {name for name, advice in calls if advice == os.POSIX_FADV_DONTNEED} == (converted if dropped else set())
     willneed = [name for name, advice in calls if advice == os.POSIX_FADV_WILLNEED]
     assert willneed == sorted(willneed)  # each file is prefetched as its turn comes, not all at once up front
+
+
+def test_shard_writer_gives_an_oversized_tensor_a_shard_alone_and_refuses_a_key_twice(tmp_path) -> None:
+    """The writer the streaming merge-export feeds tensor by tensor (and save_pretrained uses too)."""
+    from glmtune.modeling.checkpoint import ShardWriter
+    from glmtune.modeling.checkpoint_io import SAFE_INDEX
+
+    writer = ShardWriter(tmp_path, limit=1000)
+    writer.add("a", torch.zeros(100))  # 400 bytes
+    writer.add("big", torch.ones(1000))  # 4000 bytes: over the limit, so alone
+    writer.add("b", torch.zeros(100))
+    with pytest.raises(InvalidInputError, match="twice"):
+        writer.add("a", torch.zeros(1))
+    names = writer.finish()
+    assert names == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / SAFE_INDEX).read_text())
+    assert index["weight_map"] == {"a": names[0], "big": names[1], "b": names[2]}
+    assert index["metadata"]["total_size"] == 4800
+    assert torch.equal(load_file(str(tmp_path / names[1]))["big"], torch.ones(1000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, SAFE_INDEX])  # no temporary names left

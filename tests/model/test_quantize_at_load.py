@@ -116,9 +116,9 @@ def test_quantize_at_load_never_holds_the_float_model(tmp_path, tokenizers, monk
     real = quantization_module.quantize_weight
     before = set(_live_float_weights(shapes))
 
-    def observed(weight: torch.Tensor, bits: int):
+    def observed(weight: torch.Tensor, bits: int, dtype: torch.dtype | None = None):
         peaks.append(_live_float_bytes(shapes, before))
-        return real(weight, bits)
+        return real(weight, bits, dtype)
 
     # both namespaces: the load path's and the one model.quantize() goes through, so either path is measured
     monkeypatch.setattr(checkpoint_module, "quantize_weight", observed, raising=False)
@@ -127,3 +127,39 @@ def test_quantize_at_load_never_holds_the_float_model(tmp_path, tokenizers, monk
     assert loaded.config.quantization_bit == 4
     assert len(peaks) == len([m for m in loaded.modules() if isinstance(m, QuantizedLinear)])
     assert max(peaks) <= bound, (max(peaks), bound, total)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blockwise_quantization_gives_the_whole_weight_formulas_bits(bits: int, dtype: torch.dtype) -> None:
+    """quantize_weight works QUANTIZE_ROWS rows at a time (for speed); across block edges, with a dtype
+    conversion and an all-zero row, its bits are those of the original one-shot formula."""
+    from glmtune.modeling.quantization import QUANTIZE_ROWS, pack_int4, quantize_weight
+
+    weight = (torch.randn(2 * QUANTIZE_ROWS + 3, 64, generator=torch.Generator().manual_seed(0)) * 0.02).half()
+    weight[QUANTIZE_ROWS] = 0
+    converted = weight.to(dtype)
+    scale = (converted.abs().max(dim=-1).values / (2 ** (bits - 1) - 1)).half()
+    values = torch.round(converted / torch.where(scale == 0, torch.ones_like(scale), scale)[:, None]).to(torch.int8)
+    qweight, got_scale = quantize_weight(weight, bits, dtype=dtype)
+    assert torch.equal(got_scale, scale)
+    assert torch.equal(qweight, pack_int4(values) if bits == 4 else values)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blockwise_dequantization_gives_the_one_shot_formulas_values(bits: int, dtype: torch.dtype) -> None:
+    """dequantize_weight (what every training step through an int layer pays twice) works in row blocks;
+    its values are the one-shot formula's: fp16 products for fp16, fp32 products rounded once otherwise."""
+    from glmtune.modeling.quantization import QUANTIZE_ROWS, dequantize_weight, unpack_int4
+
+    generator = torch.Generator().manual_seed(1)
+    qweight = torch.randint(-128, 128, (2 * QUANTIZE_ROWS + 5, 32), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(qweight.shape[0], generator=generator) * 0.01).half()
+    values = unpack_int4(qweight) if bits == 4 else qweight
+    if dtype == torch.float16:
+        expected = values.to(torch.float16) * scale[:, None]
+    else:
+        expected = (values.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+    got = dequantize_weight(qweight, scale, bits, dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)

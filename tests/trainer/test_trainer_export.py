@@ -110,19 +110,21 @@ def test_full_training_has_no_adapter_to_export(make_spec, tmp_path: Path) -> No
 def test_export_to_s3_marks_completion_last_and_a_retry_completes(lora_checkpoint: Path, s3_bucket: str,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
-    import boto3.s3.transfer
+    import botocore.client
 
     uri = f"s3://{s3_bucket}/models/m1"
-    original = boto3.s3.transfer.S3Transfer.upload_file
+    original = botocore.client.BaseClient._make_api_call
     calls = {"n": 0}
 
-    def flaky(self, filename, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise ConnectionError("network dropped")
-        return original(self, filename, *args, **kwargs)
+    def flaky(self, operation_name, api_params):
+        # The network drops on the third object sent, whichever way the upload sends objects.
+        if operation_name in ("PutObject", "UploadPart", "CreateMultipartUpload"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise ConnectionError("network dropped")
+        return original(self, operation_name, api_params)
 
-    monkeypatch.setattr(boto3.s3.transfer.S3Transfer, "upload_file", flaky)
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", flaky)
     with pytest.raises(ConnectionError):
         export(lora_checkpoint, uri, "merged")
     with pytest.raises(InvalidInputError, match="incomplete"):
