@@ -177,7 +177,7 @@ def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, dev
     bitsandbytes' when `backend` says so), 0 insists on full precision."""
     from glmtune.modeling.checkpoint import load_checkpoint
 
-    hf_glm4 = _hf_glm4_dir(path)
+    hf_glm4 = is_hf_glm4_dir(path)
     if backend == "bitsandbytes" and bits:
         if hf_glm4:
             raise InvalidInputError("bitsandbytes layers load GLM-4 in the remote-code layout only: serve the "
@@ -185,11 +185,11 @@ def load_base(path: str | os.PathLike[str], dtype: str | torch.dtype | None, dev
                                     "--quantize 4|8 with glmtune's layers", where=str(path))
         return load_bitsandbytes_base(path, dtype, device, bits)
     if hf_glm4:
-        return _load_hf_glm4(path, dtype, device, bits)
+        return load_hf_glm4(path, dtype, device, bits)
     return load_checkpoint(path, dtype=dtype, device=device, quantization_bit=bits)
 
 
-def _hf_glm4_dir(path: str | os.PathLike[str]) -> bool:
+def is_hf_glm4_dir(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is a local GLM-4 checkpoint in transformers' ``-hf`` layout (config.json model_type)."""
     from glmtune.modeling.glm4 import HF_MODEL_TYPES
     from glmtune.storage import read_json_object
@@ -198,7 +198,7 @@ def _hf_glm4_dir(path: str | os.PathLike[str]) -> bool:
     return config.is_file() and read_json_object(config).get("model_type") in HF_MODEL_TYPES
 
 
-def _load_hf_glm4(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
+def load_hf_glm4(path: str | os.PathLike[str], dtype: str | torch.dtype | None, device: str | torch.device,
                   bits: int | None) -> nn.Module:
     """An ``-hf`` GLM-4 checkpoint in glmtune's model (converted tensor for tensor: the same logits), so serving,
     adapters, prefixes and int8/int4 work on it as on the remote-code layout; GLM-4-0414 is refused."""

@@ -1,20 +1,18 @@
-"""Checkpoint I/O for both ChatGLM families, in THUDM's published layout (original key names and config keys).
+"""Checkpoint loading for both ChatGLM families, in THUDM's published layout (original key names and config keys).
 
 Loading builds the model with its parameters on the meta device and then assigns the stored tensors one at
 a time (converted to the requested dtype), so the weights are never held twice; asked to quantize a float
 checkpoint, it builds the empty int layers first and quantizes each float weight as it is read (shard
-reading and page-cache hints live in `checkpoint_io`). Saving writes sharded
-safetensors plus `model.safetensors.index.json` and an original-style `config.json`, atomically.
+reading and page-cache hints live in `checkpoint_io`). Config handling lives in `checkpoint_config`, saving
+(sharded safetensors plus `model.safetensors.index.json` and an original-style `config.json`, atomically) in
+`checkpoint_save`; their public names are importable from here as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,98 +21,29 @@ import torch
 from torch import nn
 
 from glmtune.errors import InvalidInputError
-from glmtune.modeling.checkpoint_io import BIN_INDEX, SAFE_INDEX, iter_tensors, weight_files
+from glmtune.modeling.checkpoint_config import (
+    CONFIG_NAME,
+    OLD_V1_VOCAB,
+    _old_vocab_error,
+    check_v1_vocabulary,
+    family_of_config,
+    inv_freq_buffers,
+    model_classes,
+    original_config,
+    read_config_dict,
+    resolve_dtype,
+)
+from glmtune.modeling.checkpoint_io import iter_tensors, weight_files
+from glmtune.modeling.checkpoint_save import ShardWriter, parse_size, save_pretrained
 from glmtune.modeling.quantization import QuantizedLinear, quantize_weight
-from glmtune.storage import read_json_object
 
-CONFIG_NAME = "config.json"
-OLD_V1_VOCAB = 150528
+__all__ = ["CONFIG_NAME", "OLD_V1_VOCAB", "ShardWriter", "check_v1_vocabulary", "converted_tensor", "family_of_config",
+           "inv_freq_buffers", "load_checkpoint", "load_model", "load_state_into", "local_model_dir", "model_classes",
+           "original_config", "parameters_on_meta", "parse_size", "read_config_dict", "resolve_dtype",
+           "save_pretrained", "tied_groups"]
+
 # Buffers the original code stores but never reads back: accepted in checkpoints and skipped.
-_IGNORED_KEY = re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$")
-_WEIGHT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)$")
-_V1_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "layernorm_epsilon", "use_cache",
-            "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id",
-            "max_sequence_length", "inner_hidden_size", "position_encoding_2d", "quantization_bit",
-            "pre_seq_len", "prefix_projection")
-_V2_KEYS = ("num_layers", "padded_vocab_size", "vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
-            "num_attention_heads", "seq_length", "hidden_dropout", "classifier_dropout", "attention_dropout",
-            "layernorm_epsilon", "rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm",
-            "add_bias_linear", "add_qkv_bias", "bias_dropout_fusion", "multi_query_attention",
-            "multi_query_group_num", "apply_query_key_layer_scaling", "attention_softmax_in_fp32",
-            "fp32_residual_connection", "quantization_bit", "pre_seq_len", "prefix_projection", "original_rope",
-            "eos_token_id", "pad_token_id", "use_cache", "tie_word_embeddings")
-_AUTO_MAP = {
-    "v1": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-           "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-           "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
-    "v2": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
-           "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-           "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-           "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
-}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def family_of_config(config: Mapping[str, Any] | Any, where: str | None = None) -> str:
-    """"v1" (ChatGLM-6B) or "v2" (ChatGLM2/3 architecture) from the keys of a config.json dict or config object."""
-    keys = set(config) if isinstance(config, Mapping) else set(vars(config))
-    if keys & {"position_encoding_2d", "inner_hidden_size", "max_sequence_length"}:
-        return "v1"
-    if keys & {"padded_vocab_size", "multi_query_attention", "kv_channels", "ffn_hidden_size"}:
-        return "v2"
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    raise InvalidInputError(
-        f"unknown architecture (model_type {model_type!r}): expected a ChatGLM-6B config (position_encoding_2d, "
-        "inner_hidden_size) or a ChatGLM2/3 config (padded_vocab_size, multi_query_attention)", where=where)
-
-
-def model_classes(family: str) -> tuple[type, type]:
-    """(config class, model class) of a family; "v3" shares the v2 architecture."""
-    if family == "v1":
-        from glmtune.modeling.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
-
-        return ChatGLMConfig, ChatGLMForConditionalGeneration
-    if family in ("v2", "v3"):
-        from glmtune.modeling.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
-
-        return ChatGLM2Config, ChatGLM2ForConditionalGeneration
-    raise InvalidInputError(f"unknown model family {family!r} (v1, v2 or v3)")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, default: Any = None) -> torch.dtype:
-    """A torch dtype from a name ("float16", "bf16", ...) or dtype; None falls back to `default`, then float32."""
-    for candidate in (dtype, default):
-        if candidate is None:
-            continue
-        if isinstance(candidate, torch.dtype):
-            return candidate
-        name = str(candidate).removeprefix("torch.")
-        if name not in _DTYPES:
-            raise InvalidInputError(f"unsupported dtype {candidate!r} (float32, float16 or bfloat16)", where="dtype")
-        return _DTYPES[name]
-    return torch.float32
-
-
-def read_config_dict(directory: Path) -> dict[str, Any]:
-    """The parsed config.json of a model directory, with clear errors for a missing or broken file."""
-    return read_json_object(directory / CONFIG_NAME,
-                            "no config.json: not a model directory (expected config.json + weights)",
-                            where=str(directory))
-
-
-def _old_vocab_error(where: str) -> InvalidInputError:
-    return InvalidInputError(
-        f"this is a pre-2023-04 ChatGLM-6B checkpoint with the {OLD_V1_VOCAB}-token vocabulary (its ids 150004/150005 "
-        "are <sop>/<eop>); glmtune reads the slimmed 130528-token release: re-download THUDM/chatglm-6b (weights, "
-        "config.json and ice_text.model) and use that", where=where)
-
-
-def check_v1_vocabulary(config: Mapping[str, Any], where: str) -> None:
-    """Refuse the old 150528-vocabulary v1 checkpoints with a message saying what to do instead."""
-    if config.get("vocab_size") == OLD_V1_VOCAB or config.get("bos_token_id") == 150004 \
-            or config.get("eos_token_id") == 150005:
-        raise _old_vocab_error(where)
+IGNORED_KEY = re.compile(r"(^|\.)(rotary_emb|rotary_pos_emb)\.inv_freq$")
 
 
 @contextlib.contextmanager
@@ -134,7 +63,7 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
+def tied_groups(model: nn.Module) -> dict[str, list[str]]:
     """Every parameter name -> all names of the same Parameter (tied weights such as v1's lm_head), first first."""
     by_id: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -173,14 +102,14 @@ def load_state_into(model: nn.Module, files: list[Path], dtype: torch.dtype, dev
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
     quantized = {f"{name}.weight": module for name, module in model.named_modules()
                  if isinstance(module, QuantizedLinear)}
-    tied = _tied_groups(model)
+    tied = tied_groups(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     copied: dict[Path, bool] = {}  # per file: every tensor became a copy, so its cached pages can go
     copied_keys: set[str] = set()  # the tensors only a copy of which was kept: their mapped pages can go now
     for key, tensor, path in iter_tensors(files, release=lambda done: copied.get(done, False),
                                           copied=copied_keys.__contains__):
-        if _IGNORED_KEY.search(key):
+        if IGNORED_KEY.search(key):
             continue
         if key not in expected:
             unexpected.append(key)
@@ -192,7 +121,7 @@ def load_state_into(model: nn.Module, files: list[Path], dtype: torch.dtype, dev
             copied[path] = copied.get(path, True)
             copied_keys.add(key)
             continue
-        tensor = _converted(key, tensor, expected[key], dtype, device, family, path)
+        tensor = converted_tensor(key, tensor, expected[key], dtype, device, family, path)
         if copy_all and tensor.data_ptr() == source.data_ptr():
             tensor = tensor.clone()  # a kept view would pin the whole memory-mapped file in this process
         if tensor.data_ptr() != source.data_ptr():
@@ -210,13 +139,13 @@ def load_state_into(model: nn.Module, files: list[Path], dtype: torch.dtype, dev
         raise InvalidInputError(f"unexpected keys (not part of this {family} model): {_format_keys(unexpected)}",
                                 where=str(files[0].parent))
     _init_fresh(model, fresh_prefixes, dtype, device)
-    missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and not _IGNORED_KEY.search(k)]
+    missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and not IGNORED_KEY.search(k)]
     if missing:
         raise InvalidInputError(f"missing keys (the checkpoint does not hold them): {_format_keys(missing)}",
                                 where=str(files[0].parent))
 
 
-def _converted(key: str, tensor: torch.Tensor, want: tuple[tuple[int, ...], torch.dtype], dtype: torch.dtype,
+def converted_tensor(key: str, tensor: torch.Tensor, want: tuple[tuple[int, ...], torch.dtype], dtype: torch.dtype,
                device: torch.device, family: str, path: Path) -> torch.Tensor:
     """The stored tensor checked against the model's shape and dtype and moved to `device` / `dtype`."""
     shape, want_dtype = want
@@ -240,7 +169,8 @@ def _quantize_into(layer: QuantizedLinear, key: str, weight: torch.Tensor, dtype
     if tuple(weight.shape) != (layer.out_features, layer.in_features):
         raise InvalidInputError(f"shape mismatch for {key}: the model expects {[layer.out_features, layer.in_features]}"
                                 f", the checkpoint has {list(weight.shape)}", where=str(path))
-    qweight, scale = quantize_weight(weight.to(device=device, dtype=dtype), layer.bits)
+    # converted block by block inside quantize_weight: a whole converted copy would be one more weight in RAM
+    qweight, scale = quantize_weight(weight.to(device=device), layer.bits, dtype=dtype)
     layer._parameters["weight"] = nn.Parameter(qweight, requires_grad=False)
     layer._parameters["weight_scale"] = nn.Parameter(scale, requires_grad=False)
 
@@ -269,7 +199,8 @@ def local_model_dir(path_or_uri: str | os.PathLike[str]) -> Path:
 
 def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", quantization_bit: int | None = None,
-               config_overrides: Mapping[str, Any] | None = None, merge_adapter: bool = False) -> nn.Module:
+               config_overrides: Mapping[str, Any] | None = None, merge_adapter: bool = False,
+               allow_base_mismatch: bool = False) -> nn.Module:
     """Load a ChatGLM checkpoint (either family, as published by THUDM) or any glmtune export, local or s3://.
 
     A `prefix` export comes back as its base with the trained prefix encoder; an `adapter` export as its base
@@ -279,7 +210,8 @@ def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | N
     exports, the base precision they were trained over); 0 insists on full precision. `device` is auto
     (CUDA when usable, else CPU), cpu, cuda or cuda:N; dtype "auto" is fp32 on CPU, bf16 (else fp16) on a
     GPU. `config_overrides` changes config keys first, e.g. {"pre_seq_len": 16} adds a fresh p-tuning v2
-    prefix encoder to a base.
+    prefix encoder to a base. An adapter/prefix export is refused over a base whose fingerprint differs from the
+    one it was trained over, unless `allow_base_mismatch`.
     """
     from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, read_export_info
 
@@ -292,7 +224,7 @@ def load_model(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtype | N
         from glmtune.export_loading import load_export
 
         return load_export(directory, dtype=dtype, device=device, quantization_bit=quantization_bit,
-                           merge_adapter=merge_adapter)
+                           merge_adapter=merge_adapter, allow_base_mismatch=allow_base_mismatch)
     model = load_checkpoint(directory, dtype, device, quantization_bit, config_overrides)
     model.config._name_or_path = str(path_or_uri)
     return model
@@ -309,6 +241,18 @@ def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtyp
     directory = local_model_dir(path_or_uri)
     raw = read_config_dict(directory)
     where = str(directory / CONFIG_NAME)
+    from glmtune.modeling.glm4 import HF_MODEL_TYPES
+
+    if raw.get("model_type") in HF_MODEL_TYPES:
+        # GLM-4's -hf layout (transformers' GlmForCausalLM): converted in memory to the remote-code model
+        if config_overrides:
+            raise InvalidInputError("config_overrides need the remote-code layout: convert the -hf checkpoint with "
+                                    "glmtune.modeling.glm4_checkpoint.convert_to_remote first", where=where)
+        from glmtune.export_loading import load_hf_glm4
+
+        model = load_hf_glm4(directory, dtype, device, quantization_bit)
+        model.config._name_or_path = str(path_or_uri)
+        return model
     family = family_of_config(raw, where=where)
     if family == "v1":
         check_v1_vocabulary(raw, where)
@@ -337,138 +281,3 @@ def load_checkpoint(path_or_uri: str | os.PathLike[str], dtype: str | torch.dtyp
     model.config.dtype = torch_dtype
     model.config._name_or_path = str(path_or_uri)
     return model.eval()
-
-
-def _inv_freq(family: str, config: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The rotary buffers THUDM's checkpoints carry (values the original recomputes, kept for identical key sets)."""
-    if family == "v1":
-        dim = config.hidden_size // (config.num_attention_heads * 2)
-        inv = (1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)).half().to(dtype)
-        return {f"transformer.layers.{i}.attention.rotary_emb.inv_freq": inv.clone() for i in range(config.num_layers)}
-    dim = config.kv_channels // 2
-    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
-    return {"transformer.rotary_pos_emb.inv_freq": inv.to(dtype)}
-
-
-def original_config(model: nn.Module, family: str, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json as THUDM's files have it: the original keys only, model_type "chatglm", torch_dtype."""
-    import transformers
-
-    config = model.config
-    keys = _V1_KEYS if family == "v1" else _V2_KEYS
-    data: dict[str, Any] = {
-        "architectures": ["ChatGLMForConditionalGeneration"],
-        "auto_map": dict(getattr(config, "auto_map", None) or _AUTO_MAP[family]),
-        "model_type": "chatglm",
-    }
-    for key in keys:
-        if hasattr(config, key):
-            data[key] = getattr(config, key)
-    if family != "v1" and float(getattr(config, "rope_ratio", 1.0)) != 1.0:
-        data["rope_ratio"] = config.rope_ratio
-    data["torch_dtype"] = str(dtype).removeprefix("torch.")
-    data["transformers_version"] = transformers.__version__
-    return dict(sorted(data.items()))
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 123, "500MB", "2GB", "1GiB" (decimal and binary units, as transformers reads them)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not match:
-        raise InvalidInputError(f"cannot read a size from {size!r} (e.g. 2GB, 500MB)", where="max_shard_size")
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(match.group(1)) * units[match.group(2) or "B"])
-
-
-def _shards(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
-def save_pretrained(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None,
-                    max_shard_size: int | str = "2GB") -> Path:
-    """Write `model` (either family, possibly quantized) in THUDM's layout that the original code also reads.
-
-    Sharded safetensors with `model.safetensors.index.json` (one `model.safetensors` when it fits), the
-    original key names (v1 keeps both the word embeddings and lm_head), config.json with the original
-    keys, and the tokenizer's files when given. Everything is written to a temporary folder first and
-    moved into place with config.json last, so a reader never sees a half-written checkpoint.
-    """
-    from safetensors.torch import save_file
-
-    family = family_of_config(getattr(model, "config", {}))
-    if not isinstance(model, model_classes(family)[1]):
-        raise InvalidInputError(f"save_pretrained writes a ChatGLM model, not a {type(model).__name__}; merge a peft "
-                                "model first (merge_and_unload()) or save its adapter with peft")
-    limit = parse_size(max_shard_size)
-    dtype = model.get_input_embeddings().weight.dtype
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu")
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        # safetensors refuses shared storage: tied weights (v1 embedding/lm_head) are written as two copies.
-        state[key] = tensor.clone() if ident in seen else tensor.contiguous()
-        seen.add(ident)
-    for key, value in _inv_freq(family, model.config, dtype).items():
-        state.setdefault(key, value)
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
-        shards = _shards(state, limit)
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards, strict=True):
-            save_file(shard, str(staging / name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": {k: n for n, shard in zip(names, shards, strict=True) for k in shard}}
-            (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        config = original_config(model, family, dtype)
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _default_permissions(staging)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def _default_permissions(folder: Path) -> None:
-    """Temp files and folders are private (0600/0700); the published checkpoint gets the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Swap a finished save into place with renames; other files of an existing folder (not weights) are kept."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if not target.is_dir():
-        raise InvalidInputError("exists and is not a directory", where=str(target))
-    previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
-    os.replace(target, previous / "old")
-    os.replace(staging, target)
-    written = {p.name for p in target.iterdir()}
-    for path in (previous / "old").iterdir():
-        stale_weights = _WEIGHT_FILE.match(path.name) or path.name in (SAFE_INDEX, BIN_INDEX)
-        if path.name not in written and not stale_weights:
-            os.replace(path, target / path.name)
-    shutil.rmtree(previous, ignore_errors=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from glmtune.spec.model import Family, Size
+from glmtune.spec.model import Family, Layout, Size
 
 FAMILIES = get_args(Family)
 SIZES = get_args(Size)
+LAYOUTS = get_args(Layout)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,14 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the vocabulary size and special token ids then follow it).",
     )
     init.add_argument("--family", choices=FAMILIES, required=True,
-                      help="v1 = ChatGLM-6B, v2 = ChatGLM2-6B, v3 = ChatGLM3-6B (v2 architecture, v3 tokenizer)")
+                      help="v1 = ChatGLM-6B, v2 = ChatGLM2-6B, v3 = ChatGLM3-6B (v2 architecture, v3 tokenizer), "
+                           "glm4 = GLM-4-9B (v2 architecture, GLM-4 tokenizer and template)")
     init.add_argument("--size", choices=SIZES, default="tiny",
                       help="transformer size, whatever the tokenizer: tiny: 2 layers, hidden 64; small: 4 layers, "
                            "hidden 512, 8 heads (default: tiny). With a published tokenizer the embedding and "
                            "output layers (vocabulary x hidden) hold most of the weights.")
+    init.add_argument("--layout", choices=LAYOUTS, default="remote",
+                      help="checkpoint layout: remote = THUDM's remote code (default), hf = transformers' "
+                           "GlmForCausalLM (glm4 only)")
     init.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     init.add_argument("--tokenizer", metavar="PATH",
-                      help="tokenizer directory (ice_text.model for v1, tokenizer.model for v2/v3) or s3:// "
+                      help="tokenizer directory (ice_text.model for v1, tokenizer.model for v2/v3/glm4) or s3:// "
                            "prefix to use instead of a tiny trained one; its family must match --family")
     init.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
     init.set_defaults(func=_init)
@@ -39,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _init(args: argparse.Namespace) -> int:
     from glmtune.modeling.tiny import create_model_dir
 
-    path = create_model_dir(args.family, args.size, args.out, seed=args.seed, tokenizer=args.tokenizer)
+    path = create_model_dir(args.family, args.size, args.out, seed=args.seed, tokenizer=args.tokenizer,
+                            layout=args.layout)
     print(path)
     return 0

@@ -1,8 +1,12 @@
 """Which ChatGLM family a checkpoint, tokenizer directory or config is: the one rule every side uses.
 
 Families: ``v1`` ChatGLM-6B, ``v2`` ChatGLM2-6B, ``v3`` ChatGLM3-6B (ChatGLM2's architecture with role
-tokens and its own template). How `family` decides, first rule that applies:
+tokens and its own template), ``glm4`` GLM-4-9B (ChatGLM2's architecture in THUDM's remote-code layout, or
+transformers' GlmForCausalLM / Glm4ForCausalLM in the ``-hf`` layouts; its own tokenizer and template). How
+`family` decides, first rule that applies:
   1. a ``"family"`` key in ``tokenizer_config.json``, else in ``config.json`` (glmtune writes it on every save);
+  1b. GLM-4's published files (`glmtune.modeling.glm4.says_glm4` / `is_glm4_dir`: a native GLM model type, the
+     GLM-4 tokenizer class, the 151552-row vocabulary, or a tiktoken-style ``tokenizer.model``);
   2. the architecture keys of ``config.json`` (``position_encoding_2d``/``inner_hidden_size`` -> v1,
      ``padded_vocab_size``/``multi_query_attention`` -> ChatGLM2's architecture);
   3. the tokenizer file: ``ice_text.model`` -> v1, ``tokenizer.model`` -> ChatGLM2's architecture;
@@ -31,21 +35,23 @@ _V2_KEYS = {"padded_vocab_size", "multi_query_attention", "kv_channels", "ffn_hi
 
 
 def family(source: str | os.PathLike[str] | Mapping[str, Any] | Any, where: str | None = None) -> str:
-    """"v1", "v2" or "v3" of a model/tokenizer directory, a config.json mapping or a config object."""
+    """"v1", "v2", "v3" or "glm4" of a model/tokenizer directory, a config.json mapping or a config object."""
     if isinstance(source, (str, os.PathLike)):
         return _family_of_dir(Path(source))
     return _family_of_config(source, where)
 
 
 def architecture(name: str) -> str:
-    """The architecture a family runs on: "v1", or "v2" for ChatGLM2 and ChatGLM3 alike."""
+    """The architecture a family runs on in glmtune: "v1", or "v2" for ChatGLM2, ChatGLM3 and GLM-4 alike (GLM-4's
+    remote-code layout is ChatGLM2's architecture; its ``-hf`` layout is converted into it at load)."""
     if name not in FAMILIES:
         raise InvalidInputError(f"family must be one of {', '.join(FAMILIES)}, got {name!r}", where="family")
     return "v1" if name == "v1" else "v2"
 
 
 def tokenizer_file(name: str) -> str:
-    """The SentencePiece file a family's tokenizer directory holds."""
+    """The vocabulary file a family's tokenizer directory holds (GLM-4's ``tokenizer.model`` is a tiktoken-style
+    ranks text, not SentencePiece; its ``-hf`` directories may hold only ``tokenizer.json``)."""
     return V1_TOKENIZER_FILE if architecture(name) == "v1" else V2_TOKENIZER_FILE
 
 
@@ -54,6 +60,10 @@ def _family_of_config(config: Mapping[str, Any] | Any, where: str | None) -> str
     declared = _declared(data, where)
     if declared is not None:
         return declared
+    from glmtune.modeling.glm4 import says_glm4
+
+    if says_glm4(data):
+        return "glm4"
     keys = set(data)
     if keys & _V1_KEYS:
         return "v1"
@@ -72,6 +82,10 @@ def _family_of_dir(directory: Path) -> str:
         declared = _declared(config, str(directory / source))
         if declared is not None:
             return declared
+    from glmtune.modeling.glm4 import is_glm4_dir
+
+    if is_glm4_dir(directory):
+        return "glm4"
     if model_config and set(model_config) & (_V1_KEYS | _V2_KEYS):
         arch = _family_of_config(model_config, str(directory / "config.json"))
         return "v3" if arch == "v2" and _says_chatglm3(tok_config) else arch

@@ -63,18 +63,27 @@ def tiny_config(family: str, size: str = "tiny", tokenizer: Any = None) -> Any:
 
 
 def create_model_dir(family: str, size: str, out_dir: str | os.PathLike[str], seed: int = 0,
-                     tokenizer: str | os.PathLike[str] | None = None) -> Path:
+                     tokenizer: str | os.PathLike[str] | None = None, layout: str = "remote") -> Path:
     """Write a random-init model of `family`/`size` into `out_dir`, with the tokenizer at `tokenizer` (a
     directory or `s3://` prefix; vocabulary and special ids follow it) or a freshly trained tiny one.
 
     `load_model(out_dir)` and `load_tokenizer(out_dir)` read it back; v3 is the v2 architecture with the
     ChatGLM3 tokenizer (role tokens) and template. Same family, size, tokenizer and seed give the same weights.
+    `layout` is GLM-4's: "remote" (THUDM's remote code) or "hf" (transformers' GlmForCausalLM); other families
+    have only the remote layout.
     """
     import torch
 
     from glmtune.modeling.checkpoint import model_classes, save_pretrained
 
     _check(family, size)
+    if family == "glm4":
+        from glmtune.modeling.glm4_checkpoint import create_glm4_model_dir
+
+        loaded = _given_tokenizer(family, tokenizer) if tokenizer is not None else None
+        return create_glm4_model_dir(out_dir, layout, size, seed, loaded)
+    if layout != "remote":
+        raise InvalidInputError(f"only GLM-4 (glm4) has layouts other than 'remote', not {family}", where="layout")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError("already exists and is not an empty directory", where=str(out))

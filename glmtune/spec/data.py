@@ -13,7 +13,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 """File and S3 object names read as data under a directory or prefix (the trainer reads, the operator watches)."""
 
 DataFormat = Literal["auto", "seed", "alpaca", "chat"]
-Template = Literal["auto", "v1", "v2", "v3"]
+Template = Literal["auto", "v1", "v2", "v3", "glm4"]
 Strategy = Literal["truncation", "singlesliding", "doublesliding", "packing"]
 
 

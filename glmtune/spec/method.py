@@ -22,7 +22,11 @@ class LoraSpec(SpecModel):
     target_modules: list[str] = Field(
         ["query_key_value"],
         min_length=1,
-        description="Linear layers (by name suffix) that get adapters, e.g. query_key_value, dense, dense_h_to_4h.",
+        description=(
+            "Linear layers (by name suffix) that get adapters, e.g. query_key_value, dense, dense_h_to_4h (ChatGLM's "
+            "names for every family; a GLM-4 `-hf` base trains on its exact remote-code copy, so these names apply "
+            "to it too)."
+        ),
     )
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases are trained: none, all, or only those of adapted layers."

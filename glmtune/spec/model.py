@@ -9,11 +9,13 @@ from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 from glmtune.spec.base import SpecModel, StorageUri
 from glmtune.spec.rules import crd_validations, enforce
 
-Family = Literal["v1", "v2", "v3"]
+Family = Literal["v1", "v2", "v3", "glm4"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 # Serving picks by device when "auto": float32 on a CPU, bfloat16 on GPUs that support it, else float16.
 ServingDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Size = Literal["tiny", "small"]
+# How a GLM-4 checkpoint is laid out: THUDM's remote code, or transformers' GlmForCausalLM (`-hf`).
+Layout = Literal["remote", "hf"]
 
 
 class QuantizationSpec(SpecModel):
@@ -44,6 +46,14 @@ class CreateSpec(SpecModel):
             "Absent: a tiny tokenizer trained on the spot."
         ),
     )
+    layout: Layout = Field(
+        "remote",
+        description=(
+            "Checkpoint layout of the created model: `remote` (THUDM's remote-code layout, every family) or `hf` "
+            "(transformers' GlmForCausalLM, `family: glm4` only; training runs on an exact remote-code copy and "
+            "the export goes back out as `hf`)."
+        ),
+    )
 
 
 class ModelSpec(SpecModel):
@@ -61,8 +71,9 @@ class ModelSpec(SpecModel):
     family: Family | None = Field(
         None,
         description=(
-            "Model family: `v1` (ChatGLM-6B), `v2` (ChatGLM2-6B), `v3` (ChatGLM3-6B). Detected from "
-            "config.json when absent; required with `create`."
+            "Model family: `v1` (ChatGLM-6B), `v2` (ChatGLM2-6B), `v3` (ChatGLM3-6B), `glm4` (GLM-4-9B, THUDM's "
+            "remote-code layout or the `-hf` GlmForCausalLM one). Detected from config.json when absent; "
+            "required with `create`."
         ),
     )
     dtype: Dtype | None = Field(

@@ -80,8 +80,14 @@ RULES: tuple[Rule, ...] = (
          "model.uri and model.create are exclusive: keep one of them",
          lambda model: model.uri is None or model.create is None),
     Rule("model-create-family", "spec.model", "family", "!has(self.create) || has(self.family)",
-         "model.create needs model.family (v1, v2 or v3)",
+         "model.create needs model.family (v1, v2, v3 or glm4)",
          lambda model: model.create is None or model.family is not None),
+    Rule("model-create-layout", "spec.model", "create.layout",
+         "!has(self.create) || !has(self.create.layout) || self.create.layout == 'remote'"
+         " || (has(self.family) && self.family == 'glm4')",
+         "model.create.layout hf needs family glm4 (only GLM-4 is published in another layout than THUDM's "
+         "remote-code one)",
+         lambda model: model.create is None or model.create.layout == "remote" or model.family == "glm4"),
     *(_section_rule(name) for name in METHOD_SECTIONS),
     Rule("method-freeze-needs-section", "spec.method", "freeze", "self.name != 'freeze' || has(self.freeze)",
          "method.name: freeze needs freeze.freezeFirstLayers or freeze.trainLastLayers",

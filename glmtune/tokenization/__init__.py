@@ -3,7 +3,9 @@
 Families and their files:
   * ``v1`` ChatGLM-6B: ``ice_text.model`` + ``tokenizer_config.json`` -> `ChatGLMTokenizer`;
   * ``v2`` ChatGLM2-6B and ``v3`` ChatGLM3-6B: ``tokenizer.model`` + ``tokenizer_config.json`` ->
-    `ChatGLM2Tokenizer` (v3 adds the role tokens ``<|system|> <|user|> <|assistant|> <|observation|>``).
+    `ChatGLM2Tokenizer` (v3 adds the role tokens ``<|system|> <|user|> <|assistant|> <|observation|>``);
+  * ``glm4`` GLM-4: ``tokenizer.model`` (tiktoken-style ranks, remote-code layout) or, in an ``-hf``
+    directory, only ``tokenizer.json`` -> `GLM4Tokenizer` (the same ids either way).
 
 A directory's family is decided by `glmtune.modeling.families.family`, the rule every side uses.
 
@@ -27,11 +29,13 @@ __all__ = [
     "FAMILIES",
     "ChatGLM2Tokenizer",
     "ChatGLMTokenizer",
+    "GLM4Tokenizer",
     "load_tokenizer",
     "save_tokenizer_files",
 ]
 
-_LAZY = {"ChatGLMTokenizer": "glmtune.tokenization.chatglm6b", "ChatGLM2Tokenizer": "glmtune.tokenization.chatglm2"}
+_LAZY = {"ChatGLMTokenizer": "glmtune.tokenization.chatglm6b", "ChatGLM2Tokenizer": "glmtune.tokenization.chatglm2",
+         "GLM4Tokenizer": "glmtune.tokenization.glm4"}
 
 
 def __getattr__(name: str) -> Any:
@@ -47,12 +51,16 @@ def _read_json(path: Path) -> dict:
 
 
 def load_tokenizer(path_or_uri: str | os.PathLike) -> Any:
-    """`ChatGLMTokenizer` (v1) or `ChatGLM2Tokenizer` (v2/v3) from a local directory or an ``s3://`` prefix
-    (downloaded once into the glmtune cache by `glmtune.storage.fetch`)."""
+    """`ChatGLMTokenizer` (v1), `ChatGLM2Tokenizer` (v2/v3) or a GLM-4 tokenizer (glm4) from a local directory or
+    an ``s3://`` prefix (downloaded once into the glmtune cache by `glmtune.storage.fetch`)."""
     directory = fetch(path_or_uri) if is_s3_uri(path_or_uri) else Path(path_or_uri).expanduser()
     if not directory.is_dir():
         raise InvalidInputError("no tokenizer directory here", where=str(path_or_uri))
     found = family(directory)
+    if found == "glm4":
+        from glmtune.tokenization.glm4 import load_glm4_tokenizer
+
+        return load_glm4_tokenizer(directory)
     if not (directory / tokenizer_file(found)).is_file():
         raise InvalidInputError(f"a {found} tokenizer needs {tokenizer_file(found)}, which is missing",
                                 where=str(directory))

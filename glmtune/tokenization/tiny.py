@@ -182,9 +182,14 @@ def _arrange(model_bytes: bytes, family: str) -> bytes:
 
 def train_tiny_tokenizer(family: str, out_dir: str | os.PathLike, texts: Iterable[str] | None = None,
                          vocab_size: int = 1024) -> Path:
-    """Train a tiny tokenizer of `family` ("v1" | "v2" | "v3") and write it to `out_dir`; returns `out_dir`."""
+    """Train a tiny tokenizer of `family` ("v1" | "v2" | "v3" | "glm4") and write it to `out_dir`; returns
+    `out_dir` (GLM-4's is a byte-level BPE in its tiktoken-style file, the others SentencePiece)."""
     if family not in FAMILIES:
         raise InvalidInputError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}", where="family")
+    if family == "glm4":
+        from glmtune.tokenization.glm4 import train_tiny_glm4_tokenizer
+
+        return train_tiny_glm4_tokenizer(out_dir, texts, vocab_size)
     lines = _lines(BUILTIN_CORPUS if texts is None else texts, family)
     if not lines:
         raise InvalidInputError("no non-empty training text", where="texts")

@@ -27,6 +27,7 @@ from glmtune import storage
 from glmtune.errors import InvalidInputError
 from glmtune.export_format import BUNDLED_BASE, ExportInfo, write_export_info
 from glmtune.fingerprint import FINGERPRINT_FILE, base_fingerprint, cached_file_digests, check_base_match
+from glmtune_trainer import merge_stream
 from glmtune_trainer.checkpoint import RUN_FILE, STATE_FILE, WEIGHTS_FILE, load_weights
 from glmtune_trainer.loop import LoopState
 from glmtune_trainer.methods import PREFIX_KEY, apply_method, load_overrides
@@ -205,19 +206,23 @@ def write_export(checkpoint_dir: Path, out: Path, mode: str, bits: int | None, r
     if bits is not None and kind not in ("merged", "full"):
         raise InvalidInputError(f"re-quantization applies to merged or full exports, not {kind!r}", where="bits")
     fingerprint = checked_base_fingerprint(checkpoint_dir, run, allow_base_mismatch)
-    model = rebuild_trained_model(checkpoint_dir, run, merge=kind in ("merged", "full"))
     base = Path(run["base_model"])
     base_ref = base_reference(run, out, remote_export) if kind in ("adapter", "prefix") else None
     hf_source = _hf_source(run) if base_ref not in (None, BUNDLED_BASE) else None
     if hf_source is not None:
         # the export names the -hf base the run was given, not the remote-code copy it trained on: vouch for that
         fingerprint = base_fingerprint(hf_source)
-    if kind == "adapter":
+    if kind == "merged" and merge_stream.streaming_unsupported(run) is None and not _came_as_hf(run):
+        # LoRA merges stream the base one tensor at a time: peak ~ one 2 GB shard, not the model (issue 12)
+        merge_stream.write_merged(checkpoint_dir, out, run, bits=bits)
+    elif kind == "adapter":
+        model = rebuild_trained_model(checkpoint_dir, run, merge=False)
         model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(str(out), safe_serialization=True)
     elif kind == "prefix":
-        _write_prefix(model, out)
+        _write_prefix(rebuild_trained_model(checkpoint_dir, run, merge=False), out)
     else:
+        model = rebuild_trained_model(checkpoint_dir, run, merge=True)
         if kind == "merged":
             model = model.merge_and_unload()
         if bits:

@@ -23,10 +23,12 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
         path = workdir / "base-model"
         if not (path / "config.json").is_file():
             create_model_dir(model.family, model.create.size, path, seed=model.create.seed,
-                             tokenizer=model.create.tokenizer)
+                             tokenizer=model.create.tokenizer, layout=model.create.layout)
     else:
         path = local_model_dir(model.uri)
     family = families.family(path)
+    if family == "glm4":
+        path = _glm4_remote(path, workdir, "spec.model.create" if model.create is not None else "spec.model.uri")
     if family == "v2" and model.family == "v3":
         family = "v3"  # ChatGLM3 shares ChatGLM2's architecture: the spec may say which it is
     if model.family is not None and {model.family, family} not in ({"v2", "v3"}, {family}):
@@ -41,6 +43,24 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
         "glmtune_bits": quant.bits if quant is not None and quant.backend == "glmtune" else None,
         "bnb_bits": quant.bits if quant is not None and quant.backend == "bitsandbytes" else None,
     }
+
+
+def _glm4_remote(path: Path, workdir: Path, where: str) -> Path:
+    """A GLM-4 base in the remote-code layout, which every method, quantization and export of glmtune runs on: an
+    ``-hf`` base is converted once into the work dir (exactly: same logits), remembering its layout so the
+    export goes back out in it."""
+    from glmtune.modeling.glm4 import REMOTE
+    from glmtune.modeling.glm4_checkpoint import checkpoint_layout, convert_to_remote
+
+    if checkpoint_layout(path) == REMOTE:
+        return path
+    target = workdir / "base-model-remote"
+    if not (target / "config.json").is_file():
+        try:
+            convert_to_remote(path, target)
+        except InvalidInputError as error:
+            raise InvalidInputError(str(error), where=where) from None
+    return target
 
 
 def load_training_model(base: dict[str, Any], overrides: dict[str, Any]) -> torch.nn.Module:
