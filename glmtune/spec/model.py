@@ -46,10 +46,13 @@ class CreateSpec(SpecModel):
             "Absent: a tiny tokenizer trained on the spot."
         ),
     )
-    layout: Layout = Field(
-        "remote",
+    # No default value: an absent layout stays absent in manifests, so specs written before the field existed keep
+    # their training fingerprint (the operator would otherwise start a new run on upgrade).
+    layout: Layout | None = Field(
+        None,
         description=(
-            "Checkpoint layout of the created model: `remote` (THUDM's remote-code layout, every family) or `hf` "
+            "Checkpoint layout of the created model: `remote` (THUDM's remote-code layout, every family; the "
+            "default when absent) or `hf` "
             "(transformers' GlmForCausalLM, `family: glm4` only; training runs on an exact remote-code copy and "
             "the export goes back out as `hf`)."
         ),

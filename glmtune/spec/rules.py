@@ -87,7 +87,7 @@ RULES: tuple[Rule, ...] = (
          " || (has(self.family) && self.family == 'glm4')",
          "model.create.layout hf needs family glm4 (only GLM-4 is published in another layout than THUDM's "
          "remote-code one)",
-         lambda model: model.create is None or model.create.layout == "remote" or model.family == "glm4"),
+         lambda model: model.create is None or model.create.layout in (None, "remote") or model.family == "glm4"),
     *(_section_rule(name) for name in METHOD_SECTIONS),
     Rule("method-freeze-needs-section", "spec.method", "freeze", "self.name != 'freeze' || has(self.freeze)",
          "method.name: freeze needs freeze.freezeFirstLayers or freeze.trainLastLayers",

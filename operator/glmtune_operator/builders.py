@@ -76,14 +76,6 @@ def _pvc_volumes(uris: Iterable[str | None]) -> tuple[list[Manifest], list[Manif
     return volumes, mounts
 
 
-def _training_uris(ft: GLMFineTune) -> list[str | None]:
-    spec = ft.spec
-    resume = spec.training.checkpoint.resume
-    tokenizer = spec.model.create.tokenizer if spec.model.create is not None else None
-    return [spec.model.uri, tokenizer, *spec.data.sources, spec.data.cache, spec.output.uri,
-            resume if resume not in ("auto", "never") else None]
-
-
 def trainer_spec(ft: GLMFineTune, run: int) -> Manifest:
     """The spec the trainer reads: exporting to the run's own prefix, pvc:// URIs as mounted paths."""
     manifest = ft.to_manifest()
@@ -165,7 +157,7 @@ def _work_dirs(ft: GLMFineTune, owner: Mapping[str, Any], run: int) -> tuple[lis
 def _replica(ft: GLMFineTune, owner: Mapping[str, Any], run: int, replicas: int, settings: OperatorSettings,
              config_map: str) -> Manifest:
     res = ft.spec.resources
-    pvc_volumes, pvc_mounts = _pvc_volumes(_training_uris(ft))
+    pvc_volumes, pvc_mounts = _pvc_volumes(ft.spec.locations().values())
     work_volumes, work_mounts, work_env = _work_dirs(ft, owner, run)
     env = [
         *work_env,

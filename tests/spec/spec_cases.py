@@ -65,6 +65,10 @@ CASES = {
         "model:  #!\n  create: {size: tiny}\n" + BASE_DATA + "\n" + BASE_OUTPUT,
         "spec.model.family",
     ),
+    "hf_layout_outside_glm4": (
+        "model:\n  family: v2\n  create: {size: tiny, layout: hf}  #!\n" + BASE_DATA + "\n" + BASE_OUTPUT,
+        "spec.model.create.layout",
+    ),
     "bitsandbytes_with_ptv2": (
         bare(
             "model:\n  uri: /models/glm\n  quantization:\n    bits: 8\n    backend: bitsandbytes  #!",

@@ -23,7 +23,7 @@ def prepare_base_model(spec: Any, workdir: Path) -> dict[str, Any]:
         path = workdir / "base-model"
         if not (path / "config.json").is_file():
             create_model_dir(model.family, model.create.size, path, seed=model.create.seed,
-                             tokenizer=model.create.tokenizer, layout=model.create.layout)
+                             tokenizer=model.create.tokenizer, layout=model.create.layout or "remote")
     else:
         path = local_model_dir(model.uri)
     family = families.family(path)
