@@ -2,7 +2,7 @@
 # Runs the model, inference, tokenization and trainer tests against the NEWEST releases of every dependency
 # (no constraints file; only torch stays pinned), in its own venv .venv-latest, so a release that breaks us
 # shows up before requirements/constraints.txt moves.
-# Usage: scripts/test_latest.sh [pytest args...]  e.g. -x -m 'not slow' tests/model/test_generate_compat.py
+# Usage: scripts/test_latest.sh [pytest args...]  e.g. -x -m 'not slow' tests/core/model/test_generate_compat.py
 # Test paths among the args replace the default four folders; options alone narrow those folders.
 # torch goes in first so pip takes the CPU build on disk instead of a multi-GB CUDA one.
 set -euo pipefail
@@ -30,6 +30,6 @@ for arg in "$@"; do
   if [ -e "${arg%%::*}" ]; then given_path=1; fi
 done
 if [ "$given_path" -eq 0 ]; then
-  set -- "$@" tests/model tests/inference tests/tokenization tests/trainer
+  set -- "$@" tests/core tests/inference tests/trainer
 fi
 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -4,7 +4,7 @@ The remote-code layout (``model_type`` "chatglm", ``ChatGLMForConditionalGenerat
 ``transformer.encoder.layers.*``) is ChatGLM2/3's architecture with GLM-4's values: 40 layers, hidden 4096,
 32 heads over 2 key/value groups, qkv bias, ``rope_ratio`` 500 (RoPE base 10000 * 500 on the first half of each
 head, in interleaved pairs), RMSNorm eps 1.5625e-7, 151552 embedding rows. `ChatGLM2ForConditionalGeneration`
-runs it unchanged (tests/model/test_glm4.py checks it against transformers' `GlmForCausalLM` on converted weights).
+runs it unchanged (tests/core/model/test_glm4.py checks it against transformers' `GlmForCausalLM` on converted weights).
 The ``-hf`` layout (``model_type`` "glm", THUDM/glm-4-9b-chat-hf) is transformers' own `GlmForCausalLM`;
 GLM-4-0414 (``model_type`` "glm4") is `Glm4ForCausalLM`, an architecture of its own (extra post-attention and
 post-MLP norms) with no remote-code twin. `glmtune.modeling.glm4_convert` maps the first two into each other.

@@ -4,7 +4,7 @@ Each `Rule` sits on one section (`self` in its CEL is that section's object, as 
 after defaulting) and names the field its error points at. The CRD's `x-kubernetes-validations` are
 generated from this table (`crd_validations`), and each section's pydantic validator calls `enforce`, which
 runs the paired Python predicate and raises with the same field path and message. The predicates are
-checked against the CEL by tests/spec/test_spec_rules_cel.py on every example, with a real CEL engine.
+checked against the CEL by tests/core/spec/test_spec_rules_cel.py on every example, with a real CEL engine.
 """
 
 from __future__ import annotations

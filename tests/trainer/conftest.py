@@ -76,5 +76,5 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def extensions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where DeepSpeed compiles its CPU ops, once per session: $TORCH_EXTENSIONS_DIR when CI sets one, else a
-    session folder (the same one tests/pipeline uses), never ~/.cache."""
+    session folder (the same one tests/app uses), never ~/.cache."""
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tmp_path_factory.getbasetemp() / "torch-extensions")

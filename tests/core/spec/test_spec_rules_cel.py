@@ -23,7 +23,7 @@ from glmtune.spec.rules import VERDICTS_CONTEXT
 
 cel = pytest.importorskip("cel", reason="the CEL engine (common-expression-language, dev extra) is not installed")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_FILES = [
     *sorted((Path(__file__).parent / "examples").glob("*.yaml")),
     *sorted((REPO / "examples").glob("*.yaml")),
