@@ -43,16 +43,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def family_of_config(config: Mapping[str, Any] | Any, where: str | None = None) -> str:
-    """"v1" (ChatGLM-6B) or "v2" (ChatGLM2/3 architecture) from the keys of a config.json dict or config object."""
-    keys = set(config) if isinstance(config, Mapping) else set(vars(config))
-    if keys & {"position_encoding_2d", "inner_hidden_size", "max_sequence_length"}:
-        return "v1"
-    if keys & {"padded_vocab_size", "multi_query_attention", "kv_channels", "ffn_hidden_size"}:
-        return "v2"
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
-    raise InvalidInputError(
-        f"unknown architecture (model_type {model_type!r}): expected a ChatGLM-6B config (position_encoding_2d, "
-        "inner_hidden_size) or a ChatGLM2/3 config (padded_vocab_size, multi_query_attention)", where=where)
+    """The architecture of a config.json dict or config object: "v1" (ChatGLM-6B) or "v2" (ChatGLM2/3 and GLM-4's
+    remote-code layout), by the one family rule in `glmtune.modeling.families`."""
+    from glmtune.modeling.families import architecture, family
+
+    return architecture(family(config, where))
 
 
 def model_classes(family: str) -> tuple[type, type]:

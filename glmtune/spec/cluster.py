@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, ValidationInfo, model_validator
 
 from glmtune.spec.base import DNS_SUBDOMAIN_PATTERN, Quantity, SpecFieldError, SpecModel, StorageUri
+from glmtune.spec.model import ServingDtype
 from glmtune.spec.promotion import PromotionSpec
 from glmtune.spec.rules import crd_validations, enforce
 
@@ -174,7 +175,7 @@ class ServingSpec(SpecModel):
         description="Where the server runs the model (`glmtune serve --device`): `auto` (the pod's GPU when "
         "`resources.gpus` gives it one, else the CPU), `cpu`, `cuda` or `cuda:N`.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: ServingDtype = Field(
         "auto",
         description="Weights and activations dtype (`glmtune serve --dtype`): `auto` is float32 on CPU, bfloat16 "
         "on GPUs that support it (Ampere and newer), else float16.",

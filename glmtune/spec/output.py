@@ -8,6 +8,8 @@ from pydantic import Field
 
 from glmtune.spec.base import SpecModel, StorageUri
 
+Bits = Literal[4, 8]
+
 
 class OutputSpec(SpecModel):
     """The export written at the end of a run (layout: the export contract, glmtune-export.json)."""
@@ -23,7 +25,7 @@ class OutputSpec(SpecModel):
             "Absent: `adapter` for ptv2 (a prefix cannot be merged), `merged` for the other methods."
         ),
     )
-    bits: Literal[4, 8] | None = Field(
+    bits: Bits | None = Field(
         None,
         description="Re-quantize a merged or full export to int8 or int4 weight-only (absent: keep the dtype; "
         "not for adapter or ptv2 exports).",

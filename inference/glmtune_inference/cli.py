@@ -11,9 +11,10 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from glmtune.errors import InvalidInputError
+from glmtune.spec.model import ServingDtype
 
 API_KEY_ENV = "GLMTUNE_API_KEY"
 
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                         help="where the model runs (default auto: the GPU when torch can use one, else the CPU)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+    parser.add_argument("--dtype", choices=get_args(ServingDtype), default="auto",
                         help="weights and activations dtype (default auto: float32 on CPU, bfloat16 on GPUs "
                              "that support it, else float16)")
     parser.add_argument("--quantize", type=quantize_bits, metavar="{4,8,none}",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import get_args
+
+from glmtune.spec.output import Bits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="merge adapters into the base weights (default)")
     mode.add_argument("--adapter-only", dest="mode", action="store_const", const="adapter",
                       help="write only the adapter (peft format), applied over the base model")
-    export.add_argument("--bits", type=int, choices=(8, 4), help="re-quantize merged/full weights to int8/int4")
+    export.add_argument("--bits", type=int, choices=get_args(Bits), help="re-quantize merged/full weights to int8/int4")
     export.add_argument("--format", dest="export_format", choices=("glmtune", "gguf"), default="glmtune",
                         help="glmtune: the original ChatGLM layout (default); gguf: one file OUT for llama.cpp "
                              "(ChatGLM2/3 only; a checkpoint is merged first; also reads model folders and exports)")
