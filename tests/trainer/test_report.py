@@ -188,3 +188,14 @@ def test_a_report_written_into_an_export_before_its_manifest_lists_every_file_th
     assert {name: int(size.replace(",", "")) for name, size in listed} == {
         name: entry["size"] for name, entry in manifest["files"].items() if name != REPORT_FILE}
     _check_logged_numbers(_Cells(text).metrics, workdir)
+
+
+def test_the_runs_own_export_carries_its_report_with_the_peak_memory(finished_run: tuple[Path, Path]) -> None:
+    """`glmtune run` exports report.html inside the export (listed in its manifest, so it travels to S3 and
+    verifies), and the trainer logged the run's peak memory that the report shows."""
+    workdir, export_dir = finished_run
+    assert REPORT_FILE in storage.read_manifest(export_dir)["files"]
+    summary = read_metrics(workdir / "logs", "summary")[-1]
+    assert summary["peak_memory_bytes"] > 0 and summary["peak_memory_device"] == "cpu (peak RSS)"
+    shown = _Cells((export_dir / REPORT_FILE).read_text(encoding="utf-8")).metrics
+    assert shown["peak_memory"].endswith("(cpu (peak RSS))") and "not recorded" not in shown["peak_memory"]
