@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+from tool_cases import AFTER_RESULT, ARGUMENTS, CALL_QUERY, GREETING, RESULT, TOOLS, WEATHER
 
 from glmtune.templates import (
     Message,
@@ -17,15 +18,6 @@ from glmtune.templates import (
     tool_call_text,
     tools_system_text,
 )
-
-WEATHER = {"name": "get_weather", "description": "查询城市的天气",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-TOOLS = [{"type": "function", "function": WEATHER}]
-CALL_QUERY = "北京天气怎么样？"
-ARGUMENTS = {"city": "北京"}
-RESULT = '{"temperature": 20}'
-AFTER_RESULT = "北京现在二十度。"
-GREETING = ("你好", "你好！我是人工智能助手。")
 
 
 def samples(tok) -> list[tuple[list[int], list[int]]]:
