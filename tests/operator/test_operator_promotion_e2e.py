@@ -61,7 +61,8 @@ def test_a_model_whose_eval_loss_rose_too_much_is_not_rolled_out(cluster, operat
     wait_for(lambda: phase_of(cluster, "chat") == "Serving", 60, "run 1 serving")
     assert get_ft(cluster, "chat")["status"]["reportUri"] == f"{run_1}/report.html"
 
-    patch_spec(cluster, "chat", {"training": {"maxSteps": 7}, "serving": {"promotion": {"maxEvalLossIncrease": 0.1}}})
+    patch_spec(cluster, "chat", {"training": {"maxSteps": 7}, "data": {"evalSplit": 0.1},  # the gate needs held-out data
+                                "serving": {"promotion": {"maxEvalLossIncrease": 0.1}}})
     wait_for(lambda: "chat-run-2" in kube.jobs and phase_of(cluster, "chat") == "Training", 30, "run 2 training")
     upload_export(s3, f"s3://{bucket}/models/chat/run-2", export_files(1.5, report=False))
     kube.finish_job("chat-run-2", "Succeeded")
