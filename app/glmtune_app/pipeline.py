@@ -293,14 +293,13 @@ def summary(result: PipelineResult, question: str, host: str, port: int, serving
 
 def _serve(spec: Any, result: PipelineResult, host: str, port: int) -> None:
     """Serve the export as the operator's Deployment would (`spec.serving`: name, device, dtype, batch,
-    extra adapters), through the same `glmtune serve` command; the API key comes from GLMTUNE_API_KEY."""
-    from glmtune_inference.cli import register as register_serving
+    extra adapters) through `glmtune_inference.serving.serve`, which `glmtune serve` calls too; the API key comes
+    from GLMTUNE_API_KEY."""
+    from glmtune_inference.cli import API_KEY_ENV
+    from glmtune_inference.loading import LoadOptions
+    from glmtune_inference.serving import ServeOptions, serve
 
     serving = spec.spec.serving
-    parser = argparse.ArgumentParser(prog="glmtune")
-    register_serving(parser.add_subparsers(dest="command"))
-    adapters = [arg for a in serving.adapters for arg in ("--adapter", f"{a.name}={a.uri}")]
-    args = parser.parse_args(["serve", result.export_uri, "--model-name", result.model_name,
-                              "--host", host, "--port", str(port), "--device", serving.device,
-                              "--dtype", serving.dtype, "--max-batch", str(serving.max_batch_size), *adapters])
-    args.func(args)
+    serve(result.export_uri, result.model_name, host, port, {a.name: a.uri for a in serving.adapters},
+          LoadOptions(dtype=serving.dtype, device=serving.device), ServeOptions(max_batch=serving.max_batch_size),
+          api_key=os.environ.get(API_KEY_ENV) or None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -53,3 +54,13 @@ class AccessLogMiddleware:
                     "status": status["code"], "duration_ms": round(elapsed * 1000, 1),
                     "client": (scope.get("client") or ("", 0))[0], **state.get("access", {})}
             log.info(json.dumps(line, ensure_ascii=False))
+
+
+def configure_access_log() -> None:
+    """JSON access lines go to stderr as they are (one object per line)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -6,12 +6,9 @@ Registration stays torch-free; the handlers import the heavy modules when they r
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 from glmtune.errors import InvalidInputError
 from glmtune.spec.model import ServingDtype
@@ -155,55 +152,16 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the models, start the engine and run uvicorn until SIGINT/SIGTERM (in-flight streams drain)."""
-    import uvicorn
+    """Handler of `glmtune serve`: its flags as `serving.serve` arguments."""
+    from glmtune_inference.serving import ServeOptions, serve
 
-    from glmtune_inference.loading import load_served_models, served_device
-    from glmtune_inference.memory import default_kv_budget
-    from glmtune_inference.scheduler import ServingEngine
-    from glmtune_inference.server import DrainingServer, ServerSettings, create_app
-
-    if args.drain_notice < 0:
-        raise InvalidInputError(f"must not be negative, got {args.drain_notice}", where="--drain-notice")
-    for flag, value in (("--max-batch", args.max_batch), ("--queue-size", args.queue_size),
-                        ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-tokens", args.max_tokens),
-                        ("--default-max-tokens", args.default_max_tokens)):
-        if value < 1:
-            raise InvalidInputError(f"must be at least 1, got {value}", where=flag)
-    served = load_served_models(args.model, parse_adapters(args.adapter), args.model_name, _load_options(args))
-    device = served_device(served)
-    kv_budget = args.max_kv_memory if args.max_kv_memory is not None else default_kv_budget(device)
-    engine = ServingEngine(served, max_batch=args.max_batch, queue_size=args.queue_size, kv_budget=kv_budget)
-    settings = ServerSettings(
-        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens,
-        default_max_tokens=args.default_max_tokens, request_timeout_s=args.request_timeout,
-        api_key=os.environ.get(API_KEY_ENV) or None, log_prompts=args.log_prompts,
-        drain_timeout_s=args.drain_timeout, report_path=served_report(served))
-    configure_access_log()
-    listing = ", ".join(f"{name} ({model.source})" for name, model in served.items())
-    print(f"glmtune serve: {listing} on {device} at http://{args.host}:{args.port}", file=sys.stderr)
-    config = uvicorn.Config(create_app(engine, settings), host=args.host, port=args.port, access_log=False,
-                            timeout_graceful_shutdown=int(args.drain_timeout) or None)
-    DrainingServer(config, engine, args.drain_notice).run()
+    options = ServeOptions(
+        max_batch=args.max_batch, queue_size=args.queue_size, request_timeout_s=args.request_timeout,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens, drain_timeout_s=args.drain_timeout,
+        drain_notice_s=args.drain_notice, log_prompts=args.log_prompts, max_kv_memory=args.max_kv_memory)
+    serve(args.model, args.model_name, args.host, args.port, parse_adapters(args.adapter), _load_options(args),
+          options, api_key=os.environ.get(API_KEY_ENV) or None)
     return 0
 
 
-def served_report(served: Mapping[str, Any]) -> Path | None:
-    """The training report shipped in the served export (the main model's first, else an adapter's), if any."""
-    from glmtune.export_format import REPORT_FILE
-
-    for model in served.values():
-        if model.directory is not None and (model.directory / REPORT_FILE).is_file():
-            return model.directory / REPORT_FILE
-    return None
-
-
-def configure_access_log() -> None:
-    """JSON access lines go to stderr as they are (one object per line)."""
-    logger = logging.getLogger("glmtune.access")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
