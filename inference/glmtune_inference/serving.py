@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,6 @@ def _flag(name: str) -> str:
     """The `glmtune serve` flag of an option, for error locations users can act on."""
     return "--" + name.removesuffix("_s").replace("_", "-")
 
-
-SERVE_OPTION_NAMES = tuple(f.name for f in fields(ServeOptions))
 
 
 def serve(uri: str, name: str | None = None, host: str = "127.0.0.1", port: int = 8000,

@@ -15,14 +15,20 @@ from typing import Any
 
 from glmtune import storage
 from glmtune.errors import InvalidInputError
-from glmtune.export_format import EXPORT_FILE, KINDS_WITH_BASE, MANIFEST_FILE, ExportInfo, parse_export_info
+from glmtune.export_format import (
+    EXPORT_FILE,
+    KINDS_WITH_BASE,
+    MANIFEST_FILE,
+    REPORT_FILE,
+    ExportInfo,
+    parse_export_info,
+)
 from glmtune.fingerprint import FINGERPRINT_FILE, check_base_match, read_cached_fingerprint
 from glmtune.storage import Completeness, S3Access, S3Unavailable
 from glmtune_operator.datawatch import is_data_key
 
 __all__ = ["Completeness", "ExportFacts", "S3Access", "S3Unavailable", "access_for", "base_mismatch",
            "export_facts", "list_data_versions", "verify_export"]
-REPORT_FILE = "report.html"  # the trainer's training report, written into the export and listed in its manifest
 # Handler threads must not hang on a slow endpoint: fewer retries and shorter timeouts than a training job's.
 _OPERATOR_PATIENCE = {"max_attempts": 3, "connect_timeout": 5.0, "read_timeout": 20.0}
 
