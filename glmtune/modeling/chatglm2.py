@@ -24,6 +24,7 @@ from glmtune.modeling.chatglm2_layers import (
 )
 from glmtune.modeling.hf_compat import CACHE_NAMES, cache_field
 from glmtune.modeling.quantization import quantize_model
+from glmtune.modeling.windows import find_windows
 
 
 class ChatGLM2Config(PretrainedConfig):
@@ -181,6 +182,8 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
                 padding = torch.cat((padding.new_ones(batch, past_len + q_len - padding.shape[-1]), padding), dim=-1)
             masked = padding_attention_mask(padding, q_len, past_len, batch, device)
 
+        if self.config.attn_impl == "sdpa" and not (self.training and self.config.attention_dropout):
+            masked = find_windows(masked) or masked  # packed rows: attention per sample (glmtune.modeling.windows)
         cos, sin = rotary_tables(position_ids.to(device), self.config, inputs_embeds.dtype)
         hidden, all_hidden = self.encoder(
             inputs_embeds, cos, sin, masked, cache, use_cache, output_hidden_states

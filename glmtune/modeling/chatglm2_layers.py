@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from glmtune.modeling.windows import WindowedMask, windowed_attention
+
 if TYPE_CHECKING:
     from glmtune.modeling.chatglm2 import ChatGLM2Config
 
@@ -120,6 +122,10 @@ class SelfAttention(nn.Module):
         elif past_k is not None:
             k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
         dropout = self.config.attention_dropout if self.training else 0.0
+        if isinstance(masked, WindowedMask):
+            if q.shape[2] == k.shape[2] and self.config.attn_impl == "sdpa" and not dropout:
+                return self._output(windowed_attention(q, k, v, masked.rows))
+            masked = masked.masked
         if self.config.attn_impl == "sdpa":
             causal = masked is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
             context = F.scaled_dot_product_attention(
@@ -128,6 +134,9 @@ class SelfAttention(nn.Module):
             )
         else:
             context = self._math_attention(q, k, v, masked, dropout)
+        return self._output(context)
+
+    def _output(self, context: torch.Tensor) -> torch.Tensor:
         b, _, L, _ = context.shape
         return self.dense(context.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 
