@@ -42,11 +42,12 @@ def _log_probs_into(out: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
     torch.log_softmax(out, -1, out=out)
 
 
-def _logits_grad_(log_probs: torch.Tensor, targets: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """d(sum of -log p[target]) / d logits = softmax - one_hot, scaled by grad_output; overwrites log_probs."""
+def _logits_grad_(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(sum of -log p[target]) / d logits = softmax - one_hot, unscaled; overwrites log_probs. The caller scales
+    the [rows, hidden] products by grad_output instead of this [rows, vocab] buffer (one pass less over it)."""
     grad = log_probs.exp_()
     grad[torch.arange(targets.numel(), device=grad.device), targets] -= 1.0
-    return grad.mul_(grad_output)
+    return grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -93,13 +94,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:
                 part = buffer[: part_rows.shape[0]]
                 _log_probs_into(part, part_rows, weight, bias)
-            grad = _logits_grad_(part, part_targets, grad_output)
+            grad = _logits_grad_(part, part_targets)
             if need_rows:
                 torch.mm(grad, weight, out=grad_rows[start : start + chunk])
             if need_weight:  # the first chunk's product is the gradient: no zero-filled [vocab, hidden] first
                 grad_weight = grad.t() @ part_rows if grad_weight is None else grad_weight.addmm_(grad.t(), part_rows)
             if need_bias:
                 grad_bias = grad.sum(0) if grad_bias is None else grad_bias.add_(grad.sum(0))
+        for grad in (grad_rows, grad_weight, grad_bias):
+            if grad is not None:
+                grad.mul_(grad_output)
         return grad_rows, grad_weight, grad_bias, None, None, None
 
 
