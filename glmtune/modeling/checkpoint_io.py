@@ -1,7 +1,9 @@
 """Reading checkpoint weight files: which files, and their tensors one at a time, with page-cache hints.
 
-Before a file is read the kernel is told it will be needed whole (`POSIX_FADV_WILLNEED`), so memory-mapped
-tensors page in through large read-ahead instead of one fault at a time; after a file whose tensors were
+While the tensors of one file are copied out (converted or quantized), a reader thread asks the kernel to read
+the rest of that file and the whole next one (`POSIX_FADV_WILLNEED`, in pieces: Linux reads at most one
+read-ahead window per call), so the disk fetches the next shard while the CPU works on this one; a consumer
+that keeps tensors memory-mapped gets only a first WILLNEED per file. After a file whose tensors were
 all copied (converted or quantized) the caller may ask for its pages to be dropped (`POSIX_FADV_DONTNEED`),
 so the source bytes of a converted shard do not stay cached next to the converted model. Within a
 memory-mapped .bin file, a tensor the caller only copied leaves this process's memory as soon as it is
@@ -10,11 +12,13 @@ done (madvise), so quantizing at load holds the quantized model plus about one t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,13 +71,94 @@ def _advise(path: Path, advice_name: str) -> bool:
 
 
 def prefetch(path: Path) -> bool:
-    """Ask the kernel to start reading the whole file now (the advice lives on the file, not on this fd)."""
+    """Ask the kernel to start reading the file now (the advice lives on the file, not on this fd). On Linux
+    one call reads only the first read-ahead window; `_ReadAhead` asks for the rest piece by piece."""
     return _advise(path, "POSIX_FADV_WILLNEED")
 
 
 def drop_pages(path: Path) -> bool:
     """Drop the file's clean cached pages (those no live mapping still holds); they were copied already."""
     return _advise(path, "POSIX_FADV_DONTNEED")
+
+
+# Linux reads at most max(read_ahead_kb, max_sectors_kb) per WILLNEED call (128 KiB to a few MiB), whatever
+# length is asked for, so the read-ahead thread asks for a file in pieces of this size.
+ADVICE_PIECE = 1 << 20
+
+
+class _ReadAhead:
+    """A thread that has the kernel read each file whole (WILLNEED, piece by piece) from the moment the consumer
+    enters the file before it until the consumer has finished it: reading the next shard overlaps with
+    converting this one, and the disk stays at most one file ahead (about two shards in the page cache).
+    It starts with the consumer's first copied tensor (`start`).
+
+    The consumer's own WILLNEED on entering a file and each piece of the thread's advice are given under one
+    lock, so advice reaches the kernel in file order and never for a finished file (its pages may go next);
+    the consumer gets the lock ahead of the thread, which would otherwise re-take it piece after piece.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._files = files
+        self._state = threading.Condition()
+        self._entered = -1  # the file the consumer is reading
+        self._finished = 0  # how many files the consumer is done with
+        self._closed = False
+        self._consumer_waiting = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start reading ahead (once the consumer copies tensors: one that keeps them memory-mapped reads only
+        what it touches, and advice for whole files would only queue disk reads ahead of its own)."""
+        if self._thread is None and hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED"):
+            self._thread = threading.Thread(target=self._run, name="glmtune-read-ahead", daemon=True)
+            self._thread.start()
+
+    @contextlib.contextmanager
+    def _consumer_turn(self) -> Iterator[None]:
+        self._consumer_waiting = True  # the thread yields the lock to us before its next piece
+        with self._state:
+            self._consumer_waiting = False
+            yield
+            self._state.notify_all()
+
+    def enter(self, index: int) -> None:
+        """The consumer starts reading file `index`."""
+        with self._consumer_turn():
+            prefetch(self._files[index])
+            self._entered = index
+
+    def finish(self, index: int) -> None:
+        """The consumer is done with file `index`."""
+        with self._consumer_turn():
+            self._finished = index + 1
+
+    def close(self) -> None:
+        with self._consumer_turn():
+            self._closed = True
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        for index, path in enumerate(self._files):
+            with self._state:
+                self._state.wait_for(lambda index=index: self._closed or self._entered >= index - 1)
+                if self._closed:
+                    return
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # a hint only: the consumer reports unreadable files
+            try:
+                for offset in range(0, os.fstat(fd).st_size, ADVICE_PIECE):
+                    with self._state:
+                        self._state.wait_for(lambda: not self._consumer_waiting)
+                        if self._closed or self._finished > index:
+                            break
+                        os.posix_fadvise(fd, offset, ADVICE_PIECE, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 _MADV_DONTNEED = 4  # Linux's value; the call is only made on Linux
@@ -104,33 +189,50 @@ def iter_tensors(files: list[Path], release: Callable[[Path], bool] | None = Non
 
     When `copied(key)` says the consumer kept only a copy of a memory-mapped .bin tensor, its pages leave
     this process at once rather than with the whole file, so quantizing at load holds about one tensor of
-    the file, not the file. After a file is exhausted, `release(path)` True drops its cached pages.
+    the file, not the file. After a file is exhausted, `release(path)` True drops its cached pages. From the
+    first copied tensor on, a thread has the kernel read the next file (`_ReadAhead`) while this one is
+    consumed; it ends with the iteration, however that ends.
     """
     from safetensors import safe_open
 
-    for path in files:
-        prefetch(path)
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for key in handle.keys():
-                        yield key, handle.get_tensor(key), path
-            except InvalidInputError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
-                raise InvalidInputError(f"corrupt or unreadable weight file ({exc})", where=str(path)) from None
-        else:
-            state, mapped = _torch_load(path)
-            forget = mapped and copied is not None and sys.platform == "linux"
-            for key in list(state):
-                tensor = state.pop(key)
-                yield key, tensor, path
-                if forget and copied(key):
-                    _forget_mapped_pages(tensor)
-                del tensor
-            del state  # the last reference to the file's mapping: its pages leave this process here
-        if release is not None and release(path):
-            drop_pages(path)
+    reader = _ReadAhead(files)
+    try:
+        for index, path in enumerate(files):
+            reader.enter(index)
+            yield from _file_tensors(path, safe_open, copied, reader.start)
+            reader.finish(index)
+            if release is not None and release(path):
+                drop_pages(path)
+    finally:
+        reader.close()
+
+
+def _file_tensors(path: Path, safe_open: Callable, copied: Callable[[str], bool] | None,
+                  on_copy: Callable[[], None]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """One file's tensors for `iter_tensors`; `on_copy()` after each tensor the consumer kept only a copy of."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key), path
+                    if copied is not None and copied(key):
+                        on_copy()
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+            raise InvalidInputError(f"corrupt or unreadable weight file ({exc})", where=str(path)) from None
+        return
+    state, mapped = _torch_load(path)
+    forget = mapped and sys.platform == "linux"
+    for key in list(state):
+        tensor = state.pop(key)
+        yield key, tensor, path
+        if copied is not None and copied(key):
+            on_copy()
+            if forget:
+                _forget_mapped_pages(tensor)
+        del tensor
+    del state  # the last reference to the file's mapping: its pages leave this process here
 
 
 def _torch_load(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
