@@ -126,6 +126,29 @@ def test_quantized_tensors_are_gguf_blocks_of_the_source_weights(real_vocab_v2: 
     assert _field(reader, "general.file_type") == {"q8_0": 7, "q4_0": 2}[gguf_type]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_q8_0_quantizer_is_bit_identical_to_the_gguf_reference(dtype: torch.dtype) -> None:
+    """The fast q8_0 path writes exactly what ggml's reference (gguf's numpy port) writes, rounding ties away
+    from zero and all-zero blocks included."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    from glmtune_trainer.gguf_export import quantize_q8_0
+
+    generator = torch.Generator().manual_seed(12)
+    edge = torch.randn(6, 64, generator=generator)
+    edge[0] = 0.0  # d == 0: scale 0, all quants 0
+    edge[1, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # d == 1: every value a tie
+    edge[2, :32] = torch.tensor([127.0, 0.49999997, -0.49999997, 1.4999999, -2.5000002] + [-0.5] * 27)
+    edge[3] *= 1e-3
+    edge[4] *= 1e3
+    for value in ((torch.randn(301, 4096, generator=generator) * 0.02).to(dtype),
+                  (torch.randn(3, 13696, generator=generator) * 5).to(dtype), edge.to(dtype)):
+        want = quantize(value.to(torch.float32).numpy(), GGMLQuantizationType.Q8_0)
+        got = quantize_q8_0(value)
+        assert got.dtype == np.uint8 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_v1_is_refused_at_once_with_the_reason(tmp_path: Path) -> None:
     # Only run.json exists: the refusal comes before any weight is read or any model merged.
     checkpoint = tmp_path / "step-3"
@@ -247,6 +270,34 @@ def test_llamacpp_decodes_the_f32_gguf_to_glmtunes_greedy_tokens(real_vocab_v2: 
     assert llama["tokens"] == tokens
     # the vocabulary inside the file tokenizes text as glmtune's tokenizer does
     assert llama["tokenized"] == [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+
+
+# Runs under the llama-cpp-python venv: llama.cpp's own quantizer (ggml's reference code) from an f32 GGUF.
+_LLAMACPP_QUANTIZE = r"""
+import sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype, params.pure, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 1
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+def test_q8_0_tensors_are_the_bytes_llamacpps_own_quantizer_writes(real_vocab_v2: Path, tmp_path: Path) -> None:
+    import gguf
+
+    if not LLAMACPP_PYTHON.is_file():
+        pytest.skip(f"llama-cpp-python is not built ({LLAMACPP_PYTHON} absent): run scripts/get_llamacpp.sh")
+    f32 = export_gguf(real_vocab_v2, tmp_path / "f32.gguf", "f32").path
+    done = subprocess.run([str(LLAMACPP_PYTHON), "-c", _LLAMACPP_QUANTIZE, str(f32), str(tmp_path / "llama.gguf")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = {t.name: t for t in _reader(tmp_path / "llama.gguf").tensors}
+    ours = {t.name: t for t in _reader(export_gguf(real_vocab_v2, tmp_path / "q8.gguf", "q8_0").path).tensors}
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    both = [name for name, t in ours.items() if t.tensor_type == q8 and theirs[name].tensor_type == q8]
+    assert {"token_embd.weight", "output.weight", "blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(both)
+    for name in both:
+        np.testing.assert_array_equal(np.asarray(ours[name].data), np.asarray(theirs[name].data), err_msg=name)
 
 
 def test_v3_gguf_carries_chatglm3_chat_template_and_stops_at_the_user_turn(tiny_model, tmp_path: Path) -> None:
