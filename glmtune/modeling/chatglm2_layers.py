@@ -82,6 +82,38 @@ def padding_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past_l
     return ~keep[:, None]
 
 
+# Query rows up to which CPU attention over a KV cache stacks the heads of a KV group as query rows of one SDPA
+# call: with enable_gqa, torch's CPU flash kernel runs one tiny block per head and query (at ChatGLM2-6B's shapes,
+# one query over 512 cached keys 2.0 ms a layer, over 2048 keys 8.0 ms); stacked, the same kernel runs one block
+# per group (0.11 ms and 0.38 ms; bench/bench_quant_decode.py --only attention, 2 threads).
+DECODE_MAX_QUERIES = 4
+
+
+def decode_attention_applies(q: torch.Tensor, k: torch.Tensor, masked: torch.Tensor | None, dropout: float) -> bool:
+    """Whether `decode_attention` takes this call: CPU, a few query rows, no dropout, and either one query (which
+    sees every cached key) or a mask shared by all heads; a causal square block without a mask stays with SDPA."""
+    lq = q.shape[2]
+    if q.device.type != "cpu" or dropout or lq > DECODE_MAX_QUERIES or q.shape[1] % k.shape[1]:
+        return False
+    if masked is None:
+        return lq == 1
+    return masked.dim() == 4 and masked.shape[1] == 1 and masked.shape[2] == lq and masked.shape[3] == k.shape[2]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+    """Attention of a few queries [b, heads, q, d] over keys/values [b, groups, L, d] (True in `masked`
+    [b, 1, q, L] = hidden) as SDPA over [b, groups, heads/groups * q, d]: the heads sharing a group's keys become
+    rows of one query block, so nothing is repeated and the result is SDPA's own arithmetic."""
+    b, heads, lq, d = q.shape
+    groups, length = k.shape[1], k.shape[2]
+    per_group = heads // groups * lq
+    allowed = None
+    if masked is not None:  # the same mask row for every head of the group
+        allowed = ~masked[:, :, None].expand(b, 1, heads // groups, lq, length).reshape(b, 1, per_group, length)
+    context = F.scaled_dot_product_attention(q.reshape(b, groups, per_group, d), k, v, attn_mask=allowed)
+    return context.view(b, heads, lq, d)
+
+
 class SelfAttention(nn.Module):
     """Fused QKV split contiguously as [q | k | v]; query head j reads key/value group j // (heads/groups)."""
 
@@ -126,6 +158,8 @@ class SelfAttention(nn.Module):
             if q.shape[2] == k.shape[2] and self.config.attn_impl == "sdpa" and not dropout:
                 return self._output(windowed_attention(q, k, v, masked.rows))
             masked = masked.masked
+        if self.config.attn_impl == "sdpa" and decode_attention_applies(q, k, masked, dropout):
+            return self._output(decode_attention(q, k, v, masked))
         if self.config.attn_impl == "sdpa":
             causal = masked is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
             context = F.scaled_dot_product_attention(
