@@ -8,8 +8,14 @@ Each measurement runs in its own child process (its own peak RSS), in this order
 folds that LoRA into the fp16 base as bf16, 2 GB shards), `upload` (a first upload SIGKILLed after
 `--kill-after-parts` parts, then a second run: what it re-sends), `download` (`storage.fetch` with the
 manifest required, then `glmtune.load_model` of it). S3 is moto's server on 127.0.0.1 in a process of its
-own; moto spools objects to disk but assembles a completed multipart object in memory (its peak is
-reported apart). Full-size runs take `flock /tmp/glmtune-fullsize.lock`; ~20 minutes; the work
+own, started through bench/bench_fullsize_moto.py: stock moto deep-copies every stored object (a new spooled
+temp file each, kept alive by its instance tracking) whenever the bucket is listed, so the upload's and the
+download's listings left ~3x the export on disk and the full-size download never fitted; the launcher makes
+that listing copy-free (its docstring has the details). moto spools objects to disk but assembles a completed
+multipart object in memory (its peak RSS is reported apart, with the bytes it holds on disk after the upload
+and after the download). The run stops itself (kills moto and the measurement) when the work disk gets below
+`--min-free-gb`. Disk needed: the 11.6 GiB export, moto's copy of it, then the download in place of the
+export (~25 GiB at the peak). Full-size runs take `flock /tmp/glmtune-fullsize.lock`; ~20 minutes; the work
 folder is deleted at the end (the checkpoint cache in ~/.cache/glmtune-bench stays).
 
     flock /tmp/glmtune-fullsize.lock python bench/bench_fullsize.py --work /tmp/fullsize-bench
@@ -25,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -192,7 +199,8 @@ WORKERS = {"load-fp16": lambda args: run_load(None), "load-int4": lambda args: r
            "lora-step": run_lora_step, "merge-export": run_merge, "upload": run_upload, "download": run_download}
 
 
-def report(args: argparse.Namespace, results: dict[str, Any], moto_peak: float) -> str:
+def report(args: argparse.Namespace, results: dict[str, Any], moto_peak: float,
+           disk: dict[str, Any]) -> str:
     """Markdown tables with issue 12's targets next to each figure."""
     import fullsize
 
@@ -228,20 +236,25 @@ def report(args: argparse.Namespace, results: dict[str, Any], moto_peak: float) 
         rows.append(f"| verified download (fetch, manifest required) | {r['fetch_s']:.0f} | {r['peak_rss_fetch_gib']:.2f} "
                     f"| checksums match | then load_model {r['load_s']:.1f} s, peak {r['peak_rss_gib']:.2f} GiB |")
     if len(rows) > 2:
-        lines += rows + ["", f"moto server (its own process) peak RSS: {moto_peak:.2f} GiB"]
+        held = ", ".join(f"{v:.2f} GiB after {k}" for k, v in disk["spool_after"].items())
+        lines += rows + ["", f"moto server (its own process): peak RSS {moto_peak:.2f} GiB; objects and parts it "
+                         f"spools on disk (unlinked files): {held or 'none'}, peak {disk['spool_peak']:.2f} GiB; "
+                         f"lowest free space on the work disk during the run {disk['lowest_free']:.1f} GB"]
     return "\n".join(lines)
 
 
 def _start_moto() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server on a free port of 127.0.0.1, in its own process; returns it and its endpoint."""
+    """moto's S3 server (bench/bench_fullsize_moto.py) on a free port of 127.0.0.1, in its own process;
+    returns it and its endpoint."""
     import socket
     import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
-                                "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = Path(__file__).resolve().parent / "bench_fullsize_moto.py"
+    process = subprocess.Popen([sys.executable, str(launcher), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -259,6 +272,59 @@ def _peak_of(pid: int) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024 / 1024
 
 
+class _DiskGuard(threading.Thread):
+    """Samples free space on the work folder's disk and moto's spooled bytes every second; below `min_free`
+    bytes it kills moto and every measurement process (moto's spool files are unlinked, so that gives the
+    space back at once) and the run ends with an error instead of a full shared disk."""
+
+    def __init__(self, folder: Path, min_free: int, moto_pid: int) -> None:
+        super().__init__(daemon=True)
+        self.folder, self.min_free, self.moto_pid = folder, min_free, moto_pid
+        self.lowest_free, self.moto_peak_spool, self.tripped = shutil.disk_usage(folder).free, 0, False
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        from bench_fullsize_moto import spooled_bytes
+
+        while not self._done.wait(1.0):
+            free = shutil.disk_usage(self.folder).free
+            self.lowest_free = min(self.lowest_free, free)
+            try:
+                self.moto_peak_spool = max(self.moto_peak_spool, spooled_bytes(self.moto_pid))
+            except OSError:
+                pass  # moto is gone
+            if free < self.min_free and not self.tripped:
+                self.tripped = True
+                for pid in _descendants(os.getpid()):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children first found through /proc's parent links)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/glmtune-fullsize-bench"))
@@ -266,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after-parts", type=int, default=60, help="parts the first upload sends before SIGKILL")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (merged export, download)")
     parser.add_argument("--layers", type=int, default=0, help="cut the model to this many layers (a quick check)")
+    parser.add_argument("--min-free-gb", type=float, default=8.0,
+                        help="stop the run (kill moto and the measurement) when the work disk has less free space")
     add_worker_arguments(parser, WORKERS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -283,16 +351,34 @@ def main(argv: list[str] | None = None) -> int:
            "AWS_DEFAULT_REGION": "us-east-1", "GLMTUNE_CACHE": str(args.work / "cache")}
     os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                            "AWS_DEFAULT_REGION")})
+    from bench_fullsize_moto import spooled_bytes
+
     from glmtune import storage
 
     storage.s3_client().create_bucket(Bucket=BUCKET)
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--no-record", "--keep")]
+    guard = _DiskGuard(args.work, int(args.min_free_gb * 1e9), moto.pid)
+    guard.start()
+    results: dict[str, Any] = {}
+    spool: dict[str, float] = {}
     try:
-        results = run_workers(__file__, args.only or list(WORKERS), forwarded, env)
-        text = report(args, results, _peak_of(moto.pid))
-    finally:
+        for name in args.only or list(WORKERS):
+            try:
+                results.update(run_workers(__file__, [name], forwarded, env))
+            except SystemExit:
+                if guard.tripped:
+                    raise SystemExit(f"stopped during {name}: less than {args.min_free_gb} GB free on "
+                                     f"{args.work}'s disk") from None
+                raise
+            if name in ("upload", "download"):
+                spool[name] = spooled_bytes(moto.pid) / GIB
+        guard.stop()
+        disk = {"spool_after": spool, "spool_peak": guard.moto_peak_spool / GIB, "lowest_free": guard.lowest_free / 1e9}
+        text = report(args, results, _peak_of(moto.pid), disk)
+    finally:  # moto first: a moto left running keeps its spooled objects on disk
         moto.terminate()
         moto.wait(timeout=60)
+        guard.stop()
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     print("\n" + text)

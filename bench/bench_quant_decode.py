@@ -6,7 +6,9 @@ Three measurements, each in its own child process (own peak RSS), 2 threads by d
    GLMTUNE_FUSED_QUANT=0) and with the fused kernels, bf16 activations (fused fp32 for reference);
 2. fused vs dequantize + matmul by rows (batch x sequence) at 4096x4096: where MAX_FUSED_ROWS comes from;
 3. batch-1 greedy decode tokens/s of a mid-size ChatGLM2 model (full-size layers: hidden 4096, ffn 13696,
-   32 heads, 2 KV groups; `--layers` of them, vocab 65024) in bf16 dense vs int8 vs int4.
+   32 heads, 2 KV groups; `--layers` of them, vocab 65024) in bf16 dense vs int8 vs int4;
+4. one decode step's attention at ChatGLM2-6B's shapes (one query, 32 heads over 2 KV groups, head 128, bf16)
+   by cache length: SDPA vs glmtune's grouped-matmul decode path (chatglm2_layers.decode_attention).
 Times are the best of `--repeat` runs: on a shared machine the minimum is the least disturbed figure.
 
     python bench/bench_quant_decode.py                  # all, appended to bench/RESULTS.md
@@ -108,6 +110,26 @@ def run_rows(args: argparse.Namespace) -> dict:
     return {"rows": table, "peak_rss_mib": peak_rss_mib()}
 
 
+def run_attention(args: argparse.Namespace) -> dict:
+    """Milliseconds per decode-step attention call by cached length: SDPA (enable_gqa) vs decode_attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from glmtune.modeling.chatglm2_layers import decode_attention
+
+    table: dict[str, dict[str, float]] = {}
+    generator = torch.Generator().manual_seed(0)
+    for length in (128, 512, 2048):
+        q = torch.randn(1, 32, 1, 128, generator=generator).bfloat16()
+        k, v = (torch.randn(1, 2, length, 128, generator=generator).bfloat16() for _ in range(2))
+        with torch.no_grad():
+            table[f"{length} keys"] = {
+                "sdpa": best_ms(partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True), args.repeat),
+                "decode path": best_ms(partial(decode_attention, q, k, v, None), args.repeat),
+            }
+    return {"attention": table, "peak_rss_mib": peak_rss_mib()}
+
+
 def build_model(args: argparse.Namespace, bits: int):
     """A random bf16 ChatGLM2 model with full-size layers, quantized to `bits` (0: dense)."""
     import torch
@@ -160,6 +182,7 @@ def run_decode(args: argparse.Namespace, bits: int, fused: bool) -> dict:
 WORKERS = {
     "layers": run_layers,
     "rows": run_rows,
+    "attention": run_attention,
     "decode-bf16": lambda a: run_decode(a, 0, True),
     "decode-int8": lambda a: run_decode(a, 8, True),
     "decode-int4": lambda a: run_decode(a, 4, True),
@@ -187,6 +210,13 @@ def report(args: argparse.Namespace, results: dict) -> str:
         for key, entry in results["rows"]["rows"].items():
             out.append(f"| {key} | {entry['int8 fused']:.2f} | {entry['int8 old']:.2f} | {entry['int4 fused']:.2f} "
                        f"| {entry['int4 old']:.2f} |")
+        out.append("")
+    if "attention" in results:
+        out += ["Decode-step attention, 1 query, 32 heads / 2 KV groups, head 128, bf16 (ms):", "",
+                "| cached keys | SDPA | decode path | speed-up |", "|---|---|---|---|"]
+        for key, entry in results["attention"]["attention"].items():
+            out.append(f"| {key} | {entry['sdpa']:.3f} | {entry['decode path']:.3f} "
+                       f"| {entry['sdpa'] / entry['decode path']:.1f}x |")
         out.append("")
     decode = {k: v for k, v in results.items() if k.startswith("decode-")}
     if decode:
