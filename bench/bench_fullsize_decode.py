@@ -51,8 +51,8 @@ def gguf_path(args: argparse.Namespace, gguf_type: str) -> Path:
 def export_identity(args: argparse.Namespace) -> str:
     """What a cached GGUF was made from: the checkpoint's identity marker and the exporter's source."""
     marker = Path(args.checkpoint) / ".glmtune-bench.json"
-    exporter = REPO_ROOT / "trainer" / "glmtune_trainer" / "gguf_export.py"
-    data = (marker.read_bytes() if marker.is_file() else b"") + exporter.read_bytes()
+    exporter = [REPO_ROOT / "trainer" / "glmtune_trainer" / name for name in ("gguf_export.py", "gguf_quants.py")]
+    data = (marker.read_bytes() if marker.is_file() else b"") + b"".join(path.read_bytes() for path in exporter)
     return hashlib.sha256(data).hexdigest()
 
 

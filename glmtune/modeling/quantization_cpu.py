@@ -79,14 +79,16 @@ def _key(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[int, ...]:
 
 def _int4_layout(qweight: torch.Tensor) -> torch.Tensor:
     """torch's CPU int4 layout of a [out, in/2] signed-nibble weight, zero rows added up to a multiple of 16."""
-    from glmtune.modeling.quantization import unpack_int4
-
     rows = qweight.shape[0]
     padded = -(-rows // INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
     chunks = []
     for start in range(0, padded, _CONVERT_ROWS):
         part = qweight[start:start + _CONVERT_ROWS]
-        unsigned = unpack_int4(part).to(torch.int32) + 8
+        # signed nibble s -> unsigned s + 8 is flipping its top bit: both nibbles of a byte at once, no int8 detour
+        flipped = part.view(torch.uint8) ^ 0x88
+        unsigned = torch.empty(part.shape[0], part.shape[1] * 2, dtype=torch.int32)
+        unsigned[:, 0::2] = flipped >> 4
+        unsigned[:, 1::2] = flipped & 0xF
         missing = min(_CONVERT_ROWS, padded - start) - part.shape[0]
         if missing:
             unsigned = torch.cat((unsigned, torch.full((missing, unsigned.shape[1]), 8, dtype=torch.int32)))

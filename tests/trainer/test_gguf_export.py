@@ -132,7 +132,7 @@ def test_q8_0_quantizer_is_bit_identical_to_the_gguf_reference(dtype: torch.dtyp
     from zero and all-zero blocks included."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
-    from glmtune_trainer.gguf_export import quantize_q8_0
+    from glmtune_trainer.gguf_quants import quantize_q8_0
 
     generator = torch.Generator().manual_seed(12)
     edge = torch.randn(6, 64, generator=generator)
