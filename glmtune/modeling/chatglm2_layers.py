@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from glmtune.kernels import decode_linear
 from glmtune.modeling.windows import WindowedMask, windowed_attention
 
 if TYPE_CHECKING:
@@ -147,32 +148,36 @@ class SelfAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masked: torch.Tensor | None,
                 cache: Cache | None, past_k: torch.Tensor | None, past_v: torch.Tensor | None) -> torch.Tensor:
         """Appends the new keys/values to `cache` when given, else reads `past_k`/`past_v` without storing."""
-        q, k, v = self._split_qkv(self.query_key_value(hidden))
+        q, k, v = self._split_qkv(decode_linear(self.query_key_value, hidden))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         elif past_k is not None:
             k, v = torch.cat((past_k, k), dim=-2), torch.cat((past_v, v), dim=-2)
         dropout = self.config.attention_dropout if self.training else 0.0
-        if isinstance(masked, WindowedMask):
-            if q.shape[2] == k.shape[2] and self.config.attn_impl == "sdpa" and not dropout:
-                return self._output(windowed_attention(q, k, v, masked.rows))
-            masked = masked.masked
-        if self.config.attn_impl == "sdpa" and decode_attention_applies(q, k, masked, dropout):
-            return self._output(decode_attention(q, k, v, masked))
         if self.config.attn_impl == "sdpa":
-            causal = masked is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if masked is None else ~masked, dropout_p=dropout, is_causal=causal,
-                enable_gqa=self.num_kv != self.num_heads,
-            )
+            context = self._sdpa(q, k, v, masked, dropout)
         else:
-            context = self._math_attention(q, k, v, masked, dropout)
-        return self._output(context)
-
-    def _output(self, context: torch.Tensor) -> torch.Tensor:
+            context = self._math_attention(q, k, v, masked.masked if isinstance(masked, WindowedMask) else masked,
+                                           dropout)
         b, _, L, _ = context.shape
-        return self.dense(context.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+        return decode_linear(self.dense, context.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | WindowedMask | None,
+              dropout: float) -> torch.Tensor:
+        """SDPA in the form that fits the call: a packed-window square block, a decode step over the cache (heads
+        of a KV group as query rows), or one plain call."""
+        if isinstance(masked, WindowedMask):
+            if q.shape[2] == k.shape[2] and not dropout:
+                return windowed_attention(q, k, v, masked.rows)
+            masked = masked.masked
+        if decode_attention_applies(q, k, masked, dropout):
+            return decode_attention(q, k, v, masked)
+        causal = masked is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if masked is None else ~masked, dropout_p=dropout, is_causal=causal,
+            enable_gqa=self.num_kv != self.num_heads,
+        )
 
     def _math_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor | None,
                         dropout: float) -> torch.Tensor:
@@ -197,8 +202,8 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        a, b = self.dense_h_to_4h(hidden).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(a) * b)
+        a, b = decode_linear(self.dense_h_to_4h, hidden).chunk(2, dim=-1)
+        return decode_linear(self.dense_4h_to_h, F.silu(a) * b)
 
 
 class GLMBlock(nn.Module):

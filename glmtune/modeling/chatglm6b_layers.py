@@ -15,6 +15,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from glmtune.kernels import decode_linear
+
 # The original GLMBlock takes num_layers=28 as a default argument that the model never overrides, so the
 # residual scale is sqrt(2 * 28) for every config, tiny ones included.
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
@@ -115,7 +117,7 @@ class SelfAttention(nn.Module):
         past_key_values: Cache | None,
     ) -> torch.Tensor:
         b, s, _ = hidden.shape
-        qkv = self.query_key_value(hidden).view(b, s, self.num_heads, 3 * self.head_dim)
+        qkv = decode_linear(self.query_key_value, hidden).view(b, s, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         cos, sin = rotary
         q = apply_rotary_2d(q, cos, sin).transpose(1, 2)
@@ -131,7 +133,7 @@ class SelfAttention(nn.Module):
             context = math_attention(q, k, v, keep, coeff)
         else:
             context = sdpa_attention(q, k, v, keep, empty_rows, coeff)
-        return self.dense(context.transpose(1, 2).reshape(b, s, -1))
+        return decode_linear(self.dense, context.transpose(1, 2).reshape(b, s, -1))
 
 
 class GLU(nn.Module):
@@ -143,7 +145,8 @@ class GLU(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
+        hidden = F.gelu(decode_linear(self.dense_h_to_4h, hidden), approximate="tanh")
+        return decode_linear(self.dense_4h_to_h, hidden)
 
 
 class GLMBlock(GradientCheckpointingLayer):

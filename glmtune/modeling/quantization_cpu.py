@@ -1,14 +1,18 @@
-"""Fused weight-only int8 / int4 matmuls for CPU inference, through torch's own kernels.
+"""Fused weight-only int8 / int4 matmuls for CPU inference: glmtune's own kernels, else torch's.
 
-`_weight_int8pack_mm` multiplies by the checkpoint's int8 weight as stored, with per-row scales in the
-activation dtype. `_weight_int4pack_mm_for_cpu` wants its own weight layout and groupwise (scale, zero)
-pairs computing `(u - 8) * scale + zero` from unsigned nibbles u: our signed nibble s is u = s + 8 with
-zero 0, and the per-row scale is repeated over every group of the row. That kernel-layout weight is a
-derived cache (`FusedCache`), never saved: the state dict keeps the checkpoint's packing.
+glmtune's kernels (`glmtune.kernels`, compiled on first use) read the checkpoint's packing as stored and
+multiply it by int8-quantized activations (VNNI / AVX2): calls of up to `OWN_KERNEL_ROWS` rows, in any
+activation dtype, go there while they can run (`GLMTUNE_CPU_KERNELS=0` turns them off). Otherwise torch's
+kernels take up to `MAX_FUSED_ROWS` rows: `_weight_int8pack_mm` multiplies by the checkpoint's int8 weight as
+stored, with per-row scales in the activation dtype. `_weight_int4pack_mm_for_cpu` wants its own weight
+layout and groupwise (scale, zero) pairs computing `(u - 8) * scale + zero` from unsigned nibbles u: our
+signed nibble s is u = s + 8 with zero 0, and the per-row scale is repeated over every group of the row.
+That kernel-layout weight is a derived cache (`FusedCache`), never saved: the state dict keeps the
+checkpoint's packing.
 
 The kernels read each weight once per call instead of dequantizing it, which wins for decoding (a few
-rows); for long prompts dequantize + GEMM is faster, so calls with more rows than `MAX_FUSED_ROWS`
-keep that path. `GLMTUNE_FUSED_QUANT=0` turns the fused path off.
+rows); for long prompts dequantize + GEMM is faster, so calls with more rows keep that path.
+`GLMTUNE_FUSED_QUANT=0` turns every fused path off (ours and torch's).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from glmtune import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,11 @@ INT4_ROW_MULTIPLE = 16  # the int4 layout needs out_features % 16 == 0: extra ze
 _CONVERT_ROWS = 1024  # rows converted at a time, bounding the int32 scratch copy (layouts are row-separable)
 _INNER_K_TILES = 2
 _warned: set[str] = set()
+# Rows up to which glmtune's kernels take a call, whatever the activation dtype: at 4096x4096 on 2 cores they beat
+# torch's kernels at every row count up to 256 (bf16: int4 1.6x at 128 rows; fp32, where torch's are scalar,
+# 25-100x) and dequantize + matmul up to ~256 rows (bench/bench_quant_decode.py --only rows). So torch's int4
+# layout (a second copy of the weight, slow to make on the first call) is never built while ours run.
+OWN_KERNEL_ROWS = 128
 
 
 def fused_enabled() -> bool:
@@ -71,6 +82,7 @@ class FusedCache:
     int4_weight: torch.Tensor | None = None
     scales: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
     unsupported: str | None = None
+    int8_full_range: bool | None = None  # an int8 weight holds -128, which glmtune's AVX2 kernel cannot negate
 
 
 def _key(qweight: torch.Tensor, scale: torch.Tensor) -> tuple[int, ...]:
@@ -131,31 +143,59 @@ def fused_forward(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor | None:
         return None
     in_features = inp.shape[-1]
     rows = inp.numel() // max(in_features, 1)
-    if rows > MAX_FUSED_ROWS[dtype] or rows == 0 or in_features != layer.in_features:
+    if rows > max(MAX_FUSED_ROWS[dtype], OWN_KERNEL_ROWS) or rows == 0 or in_features != layer.in_features:
         return None  # (a wrong width gets the plain path's error message)
     qweight, scale, bits = layer.weight, layer.weight_scale, layer.bits
-    reason = _unsupported_reason(bits, in_features, dtype)
-    if reason is not None:
-        _warn_once(reason)
-        return None
     key = _key(qweight, scale)
     cache = getattr(layer, "_fused", None)
     if cache is None or cache.key != key:
         cache = layer._fused = FusedCache(key)
+    flat = inp if inp.dim() == 2 and inp.is_contiguous() else inp.reshape(rows, in_features).contiguous()
+    out = _own_kernel(cache, flat, qweight, scale, bits) if rows <= OWN_KERNEL_ROWS else None
+    if out is None and rows <= MAX_FUSED_ROWS[dtype]:
+        out = _torch_kernel(cache, flat, qweight, scale, bits)
+    if out is None or inp.dim() == 2:
+        return out
+    return out.reshape(*inp.shape[:-1], qweight.shape[0])
+
+
+def _own_kernel(cache: FusedCache, flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bits: int) -> torch.Tensor | None:
+    """glmtune's kernel on the stored tensors, or None where it cannot run (it logs why once)."""
+    if not (qweight.dtype == torch.int8 and qweight.is_contiguous() and scale.dtype == torch.float16
+            and scale.is_contiguous()):
+        return None
+    if bits == 4:
+        return kernels.int4_linear(flat, qweight, scale)
+    if not kernels.features() & kernels.AVX512_VNNI:  # the AVX2 kernel moves activation signs onto the weight
+        if cache.int8_full_range is None:
+            cache.int8_full_range = bool((qweight == -128).any())
+        if cache.int8_full_range:
+            _warn_once("an int8 weight holds -128 (THUDM's format stays within +-127), which glmtune's AVX2 int8 "
+                       "kernel cannot negate: that layer runs torch's kernel")
+            return None
+    return kernels.int8_linear(flat, qweight, scale)
+
+
+def _torch_kernel(cache: FusedCache, flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                  bits: int) -> torch.Tensor | None:
+    """torch's weight-only kernel (its int4 layout made once per weight), or None where it cannot run."""
+    rows, in_features = flat.shape
+    reason = _unsupported_reason(bits, in_features, flat.dtype)
+    if reason is not None:
+        _warn_once(reason)
+        return None
     if cache.unsupported is not None:
         return None
-    flat = inp.reshape(rows, in_features).contiguous()
     try:
         if bits == 8:
-            out = torch.ops.aten._weight_int8pack_mm(flat, qweight, _scales(cache, scale, 8, in_features, dtype))
-        else:
-            if cache.int4_weight is None:
-                cache.int4_weight = _int4_layout(qweight)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, cache.int4_weight, int4_group_size(in_features), _scales(cache, scale, 4, in_features, dtype))
-            out = out[:, : qweight.shape[0]]
+            return torch.ops.aten._weight_int8pack_mm(flat, qweight, _scales(cache, scale, 8, in_features, flat.dtype))
+        if cache.int4_weight is None:
+            cache.int4_weight = _int4_layout(qweight)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, cache.int4_weight, int4_group_size(in_features), _scales(cache, scale, 4, in_features, flat.dtype))
+        return out[:, : qweight.shape[0]]
     except RuntimeError as exc:  # a build or CPU without these kernels: remember it for this layer
         cache.unsupported = f"int{bits} kernel failed ({str(exc).splitlines()[0]})"
         _warn_once(cache.unsupported)
         return None
-    return out.reshape(*inp.shape[:-1], qweight.shape[0])

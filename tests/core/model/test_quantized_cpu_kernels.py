@@ -1,4 +1,6 @@
-"""CPU decoding of int8/int4 layers through torch's fused weight-only kernels (glmtune.modeling.quantization_cpu)."""
+"""CPU decoding of int8/int4 layers through torch's fused weight-only kernels (glmtune.modeling.quantization_cpu).
+
+glmtune's own kernels, which take these calls first, are switched off here; test_cpu_kernels*.py covers them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtune import kernels
 from glmtune.modeling.chatglm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
 from glmtune.modeling.chatglm6b import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glmtune.modeling.quantization import QuantizedLinear, dequantize_weight
@@ -19,6 +22,11 @@ from glmtune.modeling.quantization_cpu import ENV_SWITCH, MAX_FUSED_ROWS, _warne
 KERNELS = {8: "aten::_weight_int8pack_mm", 4: "aten::_weight_int4pack_mm_for_cpu"}
 # bf16 results are compared within bf16 rounding (torch's own bf16 tolerance), fp32 ones within accumulation order
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
 
 
 def ops_run(fn) -> tuple[object, set[str]]:
