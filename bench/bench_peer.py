@@ -4,16 +4,20 @@ Same random small GLM-4-9B-architecture model (4 layers, hidden 512, 8 heads ove
 embedding rows) saved in both layouts (glmtune trains the remote-code one, LLaMA-Factory loads the `-hf` one into
 transformers' GlmForCausalLM: the same weights, the same logits), the same byte-level BPE tokenizer trained
 in-process on the data (the real GLM-4 files are not at hand), the first `--samples` alpaca_zh samples, max length
-1024, LoRA r 8 (alpha 32, dropout 0.1) on the attention's query/key/value, fp32 on the CPU. Each side uses its
+1024, LoRA r 8 (alpha 32, dropout 0.1) on the attention's query/key/value, on the CPU in fp32 or (`--precision
+bf16`) in bf16 mixed precision the way each tool's users ask for it (glmtune `training.precision: bf16`,
+LLaMA-Factory `bf16: true`: bf16 base weights, fp32 LoRA weights, bf16 autocast). Each side uses its
 own chat template for GLM-4 and its best packing: glmtune `strategy: packing` (rows of whole samples, attention
 kept inside each sample), LLaMA-Factory `neat_packing` (the same, its contamination-free packing). Each side runs
 in a child process of its own (peak RSS is its own, imports included) and is timed over `--steps` optimizer steps
 of one packed row after `--warmup`; real tokens are the non-padding ones.
 
 Also checked: the first `--check` samples tokenize to the same prompt and answer ids in both (each side's own
-template code), and the first batch's loss (those samples, unpacked, at the initial weights) agrees.
+template code), and the first batch's loss (those samples, unpacked, at the initial weights, in the run's
+precision) agrees.
 
     bash scripts/get_llamafactory.sh && OMP_NUM_THREADS=2 python bench/bench_peer.py --rounds 3
+    OMP_NUM_THREADS=2 python bench/bench_peer.py --rounds 3 --precision bf16
     OMP_NUM_THREADS=1 python bench/bench_peer.py --parallel     # on cores other jobs share: load hits both alike
     python bench/bench_peer.py --only glmtune --no-record
 """
@@ -38,8 +42,11 @@ SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data" / "alpaca_zh_0-3252.json"
 PEER_PYTHON = REPO / ".venv-llamafactory" / "bin" / "python"
 SIDES = ("glmtune", "llamafactory")
+PRECISION_WORDS = {"fp32": "fp32", "bf16": "bf16 mixed precision (bf16 base weights and autocast, fp32 LoRA weights)"}
 LORA = {"r": 8, "alpha": 32, "dropout": 0.1}
 LEARNING_RATE = 1e-4
+# Base weights' dtype per precision: the trainer's rule for LoRA (glmtune.spec: `model_dtype`), LLaMA-Factory's too.
+BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def prepare(work: Path, samples: int, vocab: int) -> None:
@@ -69,8 +76,9 @@ def _query(record: dict[str, str]) -> str:
     return "\n".join(part for part in (record["instruction"], record.get("input", "")) if part)
 
 
-def glmtune_side(work: Path, steps: int, warmup: int, max_length: int, check: int) -> dict[str, Any]:
-    """glmtune: records built with packing, LoRA through the trainer's engine, fp32, SDPA."""
+def glmtune_side(work: Path, steps: int, warmup: int, max_length: int, check: int,
+                 precision: str) -> dict[str, Any]:
+    """glmtune: records built with packing, LoRA through the trainer's engine in `precision`, SDPA."""
     import numpy as np
     from glmtune_trainer.batches import RecordSubset
     from glmtune_trainer.data.build import BuildConfig, build_records
@@ -89,10 +97,13 @@ def glmtune_side(work: Path, steps: int, warmup: int, max_length: int, check: in
     pairs = [(encode_prompt(tokenizer, "glm4", _query(r)).ids, encode_answer(tokenizer, "glm4", r["output"]))
              for r in records[:check]]
     torch.manual_seed(0)
-    model = load_model(work / "remote", dtype="float32")
+    model = load_model(work / "remote", dtype=str(BASE_DTYPE[precision]).removeprefix("torch."))
     model = apply_method(model, MethodSpec.model_validate(
         {"name": "lora", "lora": {**LORA, "targetModules": ["query_key_value"]}}), steps + warmup)
-    first_loss = _first_loss(model, pairs)
+    for param in model.parameters():  # as the trainer does: fp32 master weights for what trains
+        if param.requires_grad:
+            param.data = param.data.float()
+    first_loss = _first_loss(model, pairs, precision)
     out = work / "glmtune-records"
     build_records(BuildConfig(inputs=[str(work / "data" / "alpaca.json")], tokenizer=str(work / "remote"),
                               out=str(out), strategy="packing", max_length=max_length, shuffle=True, seed=0,
@@ -103,7 +114,7 @@ def glmtune_side(work: Path, steps: int, warmup: int, max_length: int, check: in
                                  world_size=1))
     model.train()
     engine = PlainEngine(CausalLMLoss(model), build_optimizer("adamw", parameter_groups(model, 0.0), LEARNING_RATE),
-                         "fp32", 1.0, torch.device("cpu"), distributed=False)
+                         precision, 1.0, torch.device("cpu"), distributed=False)
     real, elapsed = 0, 0.0
     for step in range(warmup + steps):
         batch = next(batches)
@@ -120,11 +131,12 @@ def glmtune_side(work: Path, steps: int, warmup: int, max_length: int, check: in
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _first_loss(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]) -> float:
-    """Mean loss over the answer tokens of `pairs` (one unpadded forward each), at the model's current weights."""
+def _first_loss(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], precision: str) -> float:
+    """Mean loss over the answer tokens of `pairs` (one unpadded forward each), at the model's current weights,
+    under bf16 autocast for bf16 as training runs."""
     total, count = 0.0, 0
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         for prompt, answer in pairs:
             ids = torch.tensor([prompt + answer])
             labels = torch.tensor([[-100] * len(prompt) + answer])
@@ -135,8 +147,9 @@ def _first_loss(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]]
     return total / count
 
 
-def peer_side(work: Path, steps: int, warmup: int, max_length: int, check: int) -> dict[str, Any]:
-    """LLaMA-Factory (in its own venv): its glm4 template, neat packing, LoRA, HF Trainer on the CPU."""
+def peer_side(work: Path, steps: int, warmup: int, max_length: int, check: int, precision: str) -> dict[str, Any]:
+    """LLaMA-Factory (in its own venv): its glm4 template, neat packing, LoRA, HF Trainer on the CPU in
+    `precision` (bf16: its `bf16: true`)."""
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
@@ -150,7 +163,7 @@ def peer_side(work: Path, steps: int, warmup: int, max_length: int, check: int) 
             "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "learning_rate": LEARNING_RATE,
             "lr_scheduler_type": "constant", "max_steps": warmup + steps, "logging_steps": 1,
             "output_dir": str(work / "llamafactory-out"), "overwrite_output_dir": True, "report_to": "none",
-            "save_strategy": "no", "use_cpu": True, "bf16": False, "fp16": False, "seed": 0,
+            "save_strategy": "no", "use_cpu": True, "bf16": precision == "bf16", "fp16": False, "seed": 0,
             "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "disable_tqdm": True,
             "overwrite_cache": True}
     model_args, data_args, _, _, _ = get_train_args(dict(args))
@@ -163,8 +176,8 @@ def peer_side(work: Path, steps: int, warmup: int, max_length: int, check: int) 
     if template.efficient_eos:  # as its supervised processor does: the eos ends the trained answer
         pairs = [(prompt, answer + [tokenizer.eos_token_id]) for prompt, answer in pairs]
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32)
-    first_loss = _first_loss(base, pairs)  # LoRA starts as the identity: the base's loss is the model's
+    base = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=BASE_DTYPE[precision])
+    first_loss = _first_loss(base, pairs, precision)  # LoRA starts as the identity: the base's loss is the model's
     del base
 
     class Timer(TrainerCallback):
@@ -211,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--check", type=int, default=4, help="samples whose ids and first loss are compared")
+    parser.add_argument("--precision", choices=tuple(BASE_DTYPE), default="fp32",
+                        help="fp32, or bf16 mixed precision on both sides (default fp32)")
     parser.add_argument("--only", choices=SIDES, action="append", help="run only this side")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times; each side's "
                         "fastest round is reported (noise from other jobs only slows runs down)")
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         side = glmtune_side if args.worker == "glmtune" else peer_side
-        print(json.dumps(side(args.work, args.steps, args.warmup, args.max_length, args.check)))
+        print(json.dumps(side(args.work, args.steps, args.warmup, args.max_length, args.check, args.precision)))
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from results import record
@@ -265,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 python = sys.executable if name == "glmtune" else str(PEER_PYTHON)
                 command = [python, __file__, "--worker", name, "--work", str(work), "--steps", str(args.steps),
                            "--warmup", str(args.warmup), "--max-length", str(args.max_length),
-                           "--check", str(args.check)]
+                           "--check", str(args.check), "--precision", args.precision]
                 running[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for name, process in running.items():
                 out, err = process.communicate()
@@ -279,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in results or result["real_tokens_per_s"] > results[name]["real_tokens_per_s"]:
                     results[name] = result
                 print(f"{name}: {result['real_tokens_per_s']:.1f} real tok/s", file=sys.stderr)
-    setup = (f"GLM-4 architecture, small (4 layers, hidden 512, 8 heads / 2 kv groups, 151552 embedding rows), fp32, "
-             f"CPU; {args.samples} alpaca_zh samples, byte-level BPE tokenizer trained in-process ({args.vocab} ranks "
+    setup = (f"GLM-4 architecture, small (4 layers, hidden 512, 8 heads / 2 kv groups, 151552 embedding rows), "
+             f"{PRECISION_WORDS[args.precision]}, CPU; {args.samples} alpaca_zh samples, byte-level BPE tokenizer trained in-process ({args.vocab} ranks "
              f"+ GLM-4's special tokens), max length {args.max_length}; LoRA r {LORA['r']} on query/key/value; "
              f"glmtune: packing (batch 1 row), its glm4 template; LLaMA-Factory: neat_packing (batch 1 row), its glm4 "
              f"template, GlmForCausalLM; {args.steps} timed optimizer steps after {args.warmup} warm-up each, "

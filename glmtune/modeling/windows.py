@@ -62,20 +62,22 @@ def find_windows(masked: torch.Tensor | None) -> WindowedMask | None:
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[Spans, ...]) -> torch.Tensor:
     """Causal SDPA inside each window of each row ([b, heads, L, d] queries, [b, groups, L, d] keys/values).
 
-    A run of one-token windows attends each token to itself only: its output is its own value.
+    A run of one-token windows attends each token to itself only: its output is its own value. The windows
+    are `split` off (the backward pass concatenates their gradients once): a slice per window would make the
+    backward pass zero-fill and add up one full-length gradient per window.
     """
     repeat = q.shape[1] // k.shape[1]
     out = []
-    for row, spans in enumerate(rows):
+    for spans, q_row, k_row, v_row in zip(rows, q.unbind(0), k.unbind(0), v.unbind(0), strict=True):
+        sizes = [length for _, length, _ in spans]
         parts = []
-        for start, length, single in spans:
-            end = start + length
+        windows = zip(spans, q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1),
+                      strict=True)
+        for (_, _, single), q_part, k_part, v_part in windows:
             if single:
-                parts.append(v[row, :, start:end].repeat_interleave(repeat, dim=0))
+                parts.append(v_part.repeat_interleave(repeat, dim=0))
             else:
                 parts.append(F.scaled_dot_product_attention(
-                    q[row : row + 1, :, start:end], k[row : row + 1, :, start:end], v[row : row + 1, :, start:end],
-                    is_causal=True, enable_gqa=repeat != 1,
-                )[0])
+                    q_part[None], k_part[None], v_part[None], is_causal=True, enable_gqa=repeat != 1)[0])
         out.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.stack(out)

@@ -1,7 +1,8 @@
 """The fused output-projection loss (issue 18: v1 training speed) and packed v1 training.
 
 `LinearCrossEntropy` must compute what linear + log_softmax + nll_loss compute (loss and every gradient), in
-both its keep and recompute modes; heads it cannot see through keep the plain call; a packed v1 batch
+both its keep and recompute modes, in fp32 and in bf16 (autocast or bf16 weights: the projections in bf16,
+the softmax in fp32, as the layer call then `.float()`); heads it cannot see through keep the plain call; a packed v1 batch
 trained through the engine's loss gives the per-sample losses and gradients of training each sample alone.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from glmtune_trainer import loss as loss_module
 from glmtune_trainer.data.collate import Collator
 from glmtune_trainer.data.encode import SampleEncoder
 from glmtune_trainer.data.formats import Sample
@@ -41,7 +43,9 @@ def _autograd_reference(hidden: torch.Tensor, labels: torch.Tensor, head: torch.
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
-def test_fused_head_loss_and_gradients_equal_linear_log_softmax_nll(bias: bool, keep_logits_bytes: int) -> None:
+def test_fused_head_loss_and_gradients_equal_linear_log_softmax_nll(bias: bool, keep_logits_bytes: int,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setattr(loss_module, "PASS_BYTES", 4 * 37 * 3)  # the softmax 3 rows at a time: several passes
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 37, bias=bias)
     hidden, labels = _hidden_and_labels(37)
@@ -57,27 +61,84 @@ def test_fused_head_loss_and_gradients_equal_linear_log_softmax_nll(bias: bool, 
     torch.testing.assert_close(head.weight.grad, expected_weight, rtol=1e-5, atol=1e-7)
     if bias:
         torch.testing.assert_close(head.bias.grad, expected_bias, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(chunked_cross_entropy(hidden, labels, head, chunk_size=5)[0], total.detach())
 
 
-def test_fused_head_trains_only_what_requires_grad_and_refuses_a_second_backward() -> None:
+def _bf16_reference(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear, autocast: bool):
+    """Loss and gradients (hidden, weight, bias) of the layer call in bf16, `.float()`, cross-entropy."""
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = head(hidden[:, :-1].flatten(0, 1)).float()  # [rows, hidden] as the plain path calls it
+        loss = F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+    (loss * 0.37).backward()
+    return loss.detach(), hidden.grad, head.weight.grad, head.bias.grad
+
+
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-weights"])
+def test_fused_head_in_bf16_computes_what_the_bf16_layer_call_and_a_float_loss_compute(
+        autocast: bool, keep_logits_bytes: int, monkeypatch) -> None:
+    """Under bf16 autocast (fp32 weights, cast as autocast casts them) or with bf16 weights and inputs."""
+    monkeypatch.setattr(loss_module, "PASS_BYTES", 4 * 37 * 3)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=True)
+    hidden, labels = _hidden_and_labels(37)
+    if not autocast:
+        head, hidden = head.bfloat16(), hidden.bfloat16()
+    expected = _bf16_reference(hidden, labels, head, autocast)
+    head.zero_grad(set_to_none=True)
+    hidden = hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        total, _ = chunked_cross_entropy(hidden, labels, head, chunk_size=5, keep_logits_bytes=keep_logits_bytes)
+    assert type(total.grad_fn).__name__ == "LinearCrossEntropyBackward" and total.dtype == torch.float32
+    (total * 0.37).backward()
+    got = (total.detach(), hidden.grad, head.weight.grad, head.bias.grad)
+    for value, reference in zip(got, expected, strict=True):
+        assert value.dtype == reference.dtype  # gradients in the inputs' dtypes (fp32 master weights stay fp32)
+        # bf16 rounds the gradients (8 significant bits) at slightly different points than autograd does
+        torch.testing.assert_close(value, reference, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(total, expected[0], rtol=1e-5, atol=1e-5)  # the same bf16 logits, fp32 softmax
+
+
+@pytest.mark.parametrize("keep_logits_bytes", [0, 1 << 30], ids=["recompute", "keep"])
+def test_a_target_whose_probability_vanishes_gets_its_exact_loss_and_gradient(keep_logits_bytes: int) -> None:
+    """-log p is exact only above the subnormals: a target 120 nats below the rest (p ~ 1e-52) takes the
+    log-softmax of its row's logits instead, so the loss stays finite and equal to the plain composition's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=True)
+    hidden, labels = _hidden_and_labels(37)
+    with torch.no_grad():
+        head.bias[labels[0, 5]] = -120.0
+    expected_loss, expected_hidden, expected_weight, expected_bias = _autograd_reference(hidden, labels, head, 1.0)
+    head.zero_grad(set_to_none=True)
+    hidden = hidden.clone().requires_grad_(True)
+    total, _ = chunked_cross_entropy(hidden, labels, head, chunk_size=5, keep_logits_bytes=keep_logits_bytes)
+    total.backward()
+    assert expected_loss > 120
+    torch.testing.assert_close(total, expected_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_hidden, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.weight.grad, expected_weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head.bias.grad, expected_bias, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_head_trains_only_what_requires_grad_and_backs_up_twice_with_a_retained_graph() -> None:
     head = torch.nn.Linear(16, 29, bias=False).requires_grad_(False)  # LoRA: the output layer is frozen
     hidden, labels = _hidden_and_labels(29, seed=1)
     hidden.requires_grad_(True)
-    total, _ = chunked_cross_entropy(hidden, labels, head)
-    total.backward(retain_graph=True)
-    assert head.weight.grad is None and hidden.grad is not None
-    with pytest.raises(RuntimeError, match="one backward pass"):
-        total.backward()
-    first = hidden.grad.clone()
-    hidden.grad = None
-    recomputed, _ = chunked_cross_entropy(hidden, labels, head, chunk_size=4, keep_logits_bytes=0)
-    recomputed.backward(retain_graph=True)
-    recomputed.backward()  # recomputing keeps nothing to consume: a second pass adds the same gradient
-    torch.testing.assert_close(hidden.grad, 2 * first)
+    for keep_logits_bytes in (1 << 30, 0):
+        hidden.grad = None
+        total, _ = chunked_cross_entropy(hidden, labels, head, chunk_size=4, keep_logits_bytes=keep_logits_bytes)
+        total.backward(retain_graph=True)
+        assert head.weight.grad is None and hidden.grad is not None
+        first = hidden.grad.clone()
+        total.backward()  # the kept buffer holds the logits' gradient, not consumed by a backward pass
+        torch.testing.assert_close(hidden.grad, 2 * first)
 
 
 def test_heads_the_fused_loss_cannot_see_through_are_called_as_modules() -> None:
-    """A forward hook (DeepSpeed ZeRO-3 gathers the weight in one) or autocast must reach the layer call."""
+    """A forward hook (DeepSpeed ZeRO-3 gathers the weight in one) or fp16 autocast must reach the layer call."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 23, bias=False)
     hidden, labels = _hidden_and_labels(23, seed=2)
@@ -88,12 +149,10 @@ def test_heads_the_fused_loss_cannot_see_through_are_called_as_modules() -> None
     handle.remove()
     assert sum(calls) == count and type(total.grad_fn).__name__ != "LinearCrossEntropyBackward"
     torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         low, _ = chunked_cross_entropy(hidden, labels, head)
     assert type(low.grad_fn).__name__ != "LinearCrossEntropyBackward"
-    torch.testing.assert_close(low, expected, rtol=2e-2, atol=0.0)  # computed in bf16 like the layer call
-
-
+    torch.testing.assert_close(low, expected, rtol=2e-2, atol=0.0)  # computed in fp16 like the layer call
 
 
 def test_packed_v1_training_loss_and_gradients_equal_training_each_sample_alone(tiny_model) -> None:
