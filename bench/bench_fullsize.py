@@ -2,9 +2,9 @@
 resumable S3 upload (killed mid-upload, run again) and the verified download a server loads.
 
 Each measurement runs in its own child process (its own peak RSS), in this order, handing files on through
-`--work`: `load-fp16` / `load-int4` (bench/fullsize.py's cold load against a cold file read),
-`lora-step` (the trainer's own `train_spec`: base quantized to int4 at load, LoRA r 8, one packed
-256-token row, one optimizer step, checkpoint), `merge-export` (trainer/glmtune_trainer/merge_stream.py
+`--work`: `load-fp16` / `load-int4` (bench/bench_fullsize_load.py's cold load, up to the first decode step, against a
+cold file read), `lora-step` (the trainer's own `train_spec`: base quantized to int4 at load, LoRA r 8, one
+packed 256-token row, one optimizer step, checkpoint), `merge-export` (trainer/glmtune_trainer/merge_stream.py
 folds that LoRA into the fp16 base as bf16, 2 GB shards), `upload` (a first upload SIGKILLed after
 `--kill-after-parts` parts, then a second run: what it re-sends), `download` (`storage.fetch` with the
 manifest required, then `glmtune.load_model` of it). S3 is moto's server on 127.0.0.1 in a process of its
@@ -68,10 +68,11 @@ def _folder() -> Path:
 
 
 def run_load(quantize: int | None) -> dict[str, Any]:
-    """bench/fullsize.py's measurement: cold file read, then a cold load_model in a fresh process."""
-    import fullsize
+    """bench/bench_fullsize_load.py's measurement: cold file read, then a cold load_model (up to the first decode step)
+    in a fresh process."""
+    from bench_fullsize_load import measure_load
 
-    return fullsize.measure_load(_folder(), "float16", quantize)
+    return measure_load(_folder(), "float16", quantize)
 
 
 def _long_samples(path: Path) -> Path:
@@ -202,7 +203,7 @@ WORKERS = {"load-fp16": lambda args: run_load(None), "load-int4": lambda args: r
 def report(args: argparse.Namespace, results: dict[str, Any], moto_peak: float,
            disk: dict[str, Any]) -> str:
     """Markdown tables with issue 12's targets next to each figure."""
-    import fullsize
+    from bench_fullsize_load import load_report
 
     folder = _folder()
     size = f"cut to {args.layers} layers" if args.layers else "full size"
@@ -210,7 +211,7 @@ def report(args: argparse.Namespace, results: dict[str, Any], moto_peak: float,
              "each measurement in its own child process", ""]
     for name, quantize in (("load-fp16", None), ("load-int4", 4)):
         if name in results:
-            lines += [f"### {name}", "", fullsize.load_report(LAYOUT, folder, "float16", quantize, results[name]), ""]
+            lines += [f"### {name}", "", load_report(LAYOUT, folder, "float16", quantize, results[name]), ""]
     rows = ["| measurement | seconds | peak RSS GiB | target | detail |", "|---|---|---|---|---|"]
     if "lora-step" in results:
         r = results["lora-step"]
