@@ -89,7 +89,8 @@ def _shaped(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x @ dequant(weight)^T + bias for a packed int4 weight [out, in/2] (signed nibbles, element 2j high) and
-    fp16 per-row scale; x [..., in] in fp32 / bf16 / fp16, result in x's dtype. None when the kernel cannot run."""
+    per-row scale (fp16 as stored; bf16 / fp32 after a `.to()`); x [..., in] in fp32 / bf16 / fp16, result in
+    x's dtype. None when the kernel cannot run."""
     if not _quantized_path():
         return None
     return _shaped(torch.ops.glmtune.int4_linear(_rows(x), weight, scale, bias), x)
@@ -97,7 +98,7 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x @ dequant(weight)^T + bias for an int8 weight [out, in] and fp16 per-row scale. The AVX2 path needs
+    """x @ dequant(weight)^T + bias for an int8 weight [out, in] and per-row scale. The AVX2 path needs
     values in [-127, 127] (it moves activation signs onto the weight). None when the kernel cannot run."""
     if not _quantized_path():
         return None

@@ -10,7 +10,6 @@ torchrun ranks) build it once, and the finished file is renamed into place so no
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
@@ -137,11 +136,14 @@ def library_path() -> Path:
     target = folder / LIBRARY_NAME
     if target.exists():
         return target
+    import fcntl  # POSIX only: imported after the platform check
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.exists():
+                logger.info("compiling glmtune CPU kernels (once per machine, about 10-20 s) into %s", folder)
                 seconds = _compile(compiler, target)
                 logger.info("compiled glmtune CPU kernels in %.1f s into %s", seconds, folder)
     except OSError as exc:

@@ -58,7 +58,8 @@ void quantize_activations(const void* x, DType dtype, int64_t rows, int64_t k, i
 struct QuantArgs {
   const Activations* act;
   const int8_t* weight;     // int4: [n][k / 2] packed bytes, element 2j in the high nibble; int8: [n][k]
-  const uint16_t* scale;    // fp16 [n]
+  const void* scale;        // [n] in scale_dtype (checkpoints: fp16)
+  DType scale_dtype;
   const void* bias;         // [n] in bias_dtype, or null
   DType bias_dtype;
   void* out;                // [rows][n] in out_dtype

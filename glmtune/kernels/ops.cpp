@@ -44,7 +44,6 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& weight, const
   check_cpu_contiguous(scale, "weight_scale", 1);
   const DType dtype = float_dtype(x, "x");
   TORCH_CHECK(weight.scalar_type() == at::kChar, "glmtune: the quantized weight must be int8");
-  TORCH_CHECK(scale.scalar_type() == at::kHalf, "glmtune: weight_scale must be float16");
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(weight.size(1) * (bits == 4 ? 2 : 1) == k, "glmtune: int", bits, " weight of ", weight.size(1),
               " stored columns does not match ", k, " inputs");
@@ -60,7 +59,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& weight, const
   quantize_activations(x.data_ptr(), dtype, rows, k, k, bits, act);
   args.act = &act;
   args.weight = weight.data_ptr<int8_t>();
-  args.scale = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+  args.scale = scale.data_ptr();
+  args.scale_dtype = float_dtype(scale, "weight_scale");
   args.out = out.data_ptr();
   args.out_dtype = dtype;
   args.n = n;

@@ -84,7 +84,7 @@ GLMTUNE_AVX2 void tile(const QuantArgs& a, int64_t row, int64_t m0) {
     std::memcpy(last, w + full * per_chunk, tail);
     step<M, Int4>(acc, last, act, m0, full);
   }
-  const float scale = half_to_float(a.scale[row]);
+  const float scale = load_float(a.scale, a.scale_dtype, row);
   const float bias = a.bias ? load_float(a.bias, a.bias_dtype, row) : 0.0f;
   for (int m = 0; m < M; ++m) {
     const float dot = hsum(acc[m]) - (Int4 ? act.corrections.get()[m0 + m] : 0.0f);

@@ -60,7 +60,7 @@ GLMTUNE_AVX512 void row_tile(const QuantArgs& a, int64_t row, int64_t m0) {
     step<M, Int4>(acc, w, act, m0, full, tail >= 64 ? all : (__mmask64{1} << tail) - 1,
                   tail <= 64 ? 0 : (__mmask64{1} << (tail - 64)) - 1);
   }
-  const float scale = half_to_float(a.scale[row]);
+  const float scale = load_float(a.scale, a.scale_dtype, row);
   const float bias = a.bias ? load_float(a.bias, a.bias_dtype, row) : 0.0f;
   for (int m = 0; m < M; ++m) {
     const float dot = _mm512_reduce_add_ps(acc[m]) - act.corrections.get()[m0 + m];

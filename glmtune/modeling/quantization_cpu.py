@@ -162,8 +162,8 @@ def fused_forward(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor | None:
 def _own_kernel(cache: FusedCache, flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bits: int) -> torch.Tensor | None:
     """glmtune's kernel on the stored tensors, or None where it cannot run (it logs why once)."""
-    if not (qweight.dtype == torch.int8 and qweight.is_contiguous() and scale.dtype == torch.float16
-            and scale.is_contiguous()):
+    if not (qweight.dtype == torch.int8 and qweight.is_contiguous() and scale.is_contiguous()) \
+            or torch.compiler.is_compiling():  # the ops have no fake kernels for tracing
         return None
     if bits == 4:
         return kernels.int4_linear(flat, qweight, scale)

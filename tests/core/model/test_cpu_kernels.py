@@ -159,5 +159,15 @@ def test_kernel_calls_with_wrong_tensors_raise_instead_of_reading_out_of_bounds(
         torch.ops.glmtune.int4_linear(torch.randn(1, 64), qweight.t(), scale, None)
     with pytest.raises(RuntimeError, match="values for"):
         torch.ops.glmtune.int4_linear(torch.randn(1, 64), qweight, scale, torch.zeros(3))
-    with pytest.raises(RuntimeError, match="float16"):
-        torch.ops.glmtune.int8_linear(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int8), scale.float(), None)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.glmtune.int8_linear(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.int16), scale, None)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_scales_converted_by_a_model_to_call_give_the_same_result(isa, scale_dtype):
+    qweight, scale = quantize_weight(torch.randn(16, 256), 4)
+    scale = scale.to(scale_dtype)  # what model.to(dtype) does to a QuantizedLinear's weight_scale
+    x = torch.randn(2, 256)
+    expected = quantized_activations(x, 4) @ weight_values(qweight, scale, 4).T
+    out = run(4, x, qweight, scale, None)
+    assert ((out.double() - expected).abs() <= 1e-5 * expected.abs().max()).all()
