@@ -33,6 +33,9 @@ HEADERS = ("kernels.h",)
 TORCH_SOURCES = ("ops.cpp",)  # the only file that includes torch headers (slow to compile)
 LIBRARY_NAME = "glmtune_cpu_kernels.so"
 CACHE_ENV = "GLMTUNE_KERNEL_CACHE"
+# A library built beforehand for exactly this torch (e.g. in a container's build stage, where the compiler is):
+# loaded as is, so images without a compiler still run the kernels.
+LIBRARY_ENV = "GLMTUNE_KERNEL_LIBRARY"
 
 
 class BuildError(RuntimeError):
@@ -126,7 +129,14 @@ def _compile(compiler: list[str], target: Path) -> float:
 
 
 def library_path() -> Path:
-    """The cached library for this source, torch and compiler, built (once, under a file lock) if missing."""
+    """The cached library for this source, torch and compiler, built (once, under a file lock) if missing;
+    ``$GLMTUNE_KERNEL_LIBRARY`` instead when set (a prebuilt library, no compiler needed)."""
+    prebuilt = os.environ.get(LIBRARY_ENV, "").strip()
+    if prebuilt:
+        path = Path(prebuilt).expanduser()
+        if not path.is_file():
+            raise BuildError(f"{LIBRARY_ENV}={prebuilt!r} is not a file")
+        return path
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise BuildError(f"the kernels are x86-64 only (this machine is {platform.machine() or 'unknown'})")
     if os.name != "posix":

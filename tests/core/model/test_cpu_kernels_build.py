@@ -101,3 +101,23 @@ def test_concurrent_processes_build_once_and_later_ones_reuse_the_cache(tmp_path
     assert all("glmtune::int4_linear" in r["ops"] and not fallback_warnings(r) for r in results)
     [folder] = cache.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["build.lock", "build.log", build.LIBRARY_NAME]
+
+
+@pytest.mark.slow  # compiles in a fresh cache
+def test_a_prebuilt_library_runs_without_a_compiler(tmp_path):
+    built = probe(tmp_path / "cache")  # builds (or reuses) the library in a fresh cache
+    assert "glmtune::int4_linear" in built["ops"]
+    [library] = (tmp_path / "cache").glob(f"*/{build.LIBRARY_NAME}")
+    shipped = tmp_path / "image" / build.LIBRARY_NAME
+    shipped.parent.mkdir()
+    shipped.write_bytes(library.read_bytes())
+    result = probe(tmp_path / "empty", CXX="/nonexistent/c++", GLMTUNE_KERNEL_LIBRARY=str(shipped))
+    assert "glmtune::int4_linear" in result["ops"] and not fallback_warnings(result)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_missing_prebuilt_library_is_named_in_the_warning(tmp_path):
+    result = probe(tmp_path / "cache", GLMTUNE_KERNEL_LIBRARY=str(tmp_path / "nope.so"))
+    assert result["equal_to_torch"] and "glmtune::int4_linear" not in result["ops"]
+    [warning] = fallback_warnings(result)
+    assert f"GLMTUNE_KERNEL_LIBRARY='{tmp_path / 'nope.so'}' is not a file" in warning
